@@ -1,0 +1,92 @@
+"""Audio decoding with PyAV: downmix to mono and resample to 22050 Hz with ``av.AudioResampler`` (libswresample)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from ingest.media import DecodeError, open_media
+
+SAMPLE_RATE = 22050
+
+
+@dataclass
+class DecodedAudio:
+    samples: np.ndarray  # int16 [T], mono, SAMPLE_RATE
+    source_rate: int
+    source_channels: int
+    codec: str
+    start_s: float  # time of the first decoded sample on the container's clock
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+    def as_float(self) -> np.ndarray:
+        """Samples in [-1, 1) as float32 (int16 / 32768, the shard convention)."""
+        return self.samples.astype(np.float32) / 32768.0
+
+
+def decode_audio(
+    container: av.container.InputContainer,
+    max_seconds: float | None = None,
+    origin_s: float | None = None,
+    rate: int = SAMPLE_RATE,
+) -> DecodedAudio:
+    """Decode the first audio stream of ``container`` to mono int16 at ``rate``.
+
+    ``max_seconds`` keeps only the start of the stream (decoding stops soon after it). ``origin_s`` puts the audio on
+    a given clock (the video's start): audio that starts later than that is preceded by silence, so that sample
+    ``i`` is heard at time ``origin_s + i / rate`` like the frames it is paired with.
+    """
+    if not container.streams.audio:
+        raise DecodeError("no_audio", "no audio stream")
+    stream = container.streams.audio[0]
+    stream.thread_type = "AUTO"
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    limit = None if max_seconds is None else int(round(max_seconds * rate))
+    chunks: list[np.ndarray] = []
+    have = 0
+    first_time: float | None = None
+    channels = stream.codec_context.channels
+    try:
+        for frame in container.decode(stream):
+            if first_time is None:
+                first_time = float(frame.time) if frame.time is not None else 0.0
+                channels = len(frame.layout.channels)
+            for out in resampler.resample(frame):
+                chunk = out.to_ndarray().reshape(-1)
+                chunks.append(chunk)
+                have += len(chunk)
+            if limit is not None and have >= limit:
+                break
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    except av.error.FFmpegError as exc:
+        if not chunks:
+            raise DecodeError("audio_decode_failed", f"audio stream could not be decoded: {exc}") from exc
+        # a damaged tail: keep what decoded cleanly (a truncated download still has a usable start)
+    if not chunks or sum(map(len, chunks)) == 0:
+        raise DecodeError("no_audio_samples", "audio stream holds no decodable samples")
+    samples = np.concatenate(chunks).astype(np.int16, copy=False)
+    start = first_time or 0.0
+    if origin_s is not None and start - origin_s > 0.5 / rate:
+        samples = np.concatenate([np.zeros(int(round((start - origin_s) * rate)), np.int16), samples])
+    if limit is not None:
+        samples = samples[:limit]
+    return DecodedAudio(
+        samples=samples,
+        source_rate=stream.codec_context.sample_rate or stream.rate or 0,
+        source_channels=channels or 0,
+        codec=stream.codec_context.name,
+        start_s=start,
+    )
+
+
+def read_audio(path: str | os.PathLike, max_seconds: float | None = None) -> DecodedAudio:
+    """Open ``path`` and decode its audio (any container, codec, rate and channel count)."""
+    with open_media(path) as container:
+        return decode_audio(container, max_seconds=max_seconds)
