@@ -1,0 +1,162 @@
+"""Index and failure ledgers, and the layout of a run directory.
+
+Every input of a run ends up either as a row of ``index.parquet`` (a sample was written) or of
+``failures.parquet`` (why not). Each task (one slice of the input list) writes its own shard and two ledger
+parts; the parts are written after the shard is in place, so a task is complete exactly when both parts exist,
+and a resumed run redoes the rest. ``RunLayout.finalize`` merges the parts into the two run-level tables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.atomic import atomic_path
+
+Kind = Literal["index", "failures"]
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("duration_s", pa.float64(), nullable=False),
+        pa.field("frames", pa.int32(), nullable=False),
+        pa.field("audio_seconds", pa.float64(), nullable=False),
+    ]
+)
+FAILURE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("error_class", pa.string(), nullable=False),
+    ]
+)
+SCHEMAS: dict[str, pa.Schema] = {"index": INDEX_SCHEMA, "failures": FAILURE_SCHEMA}
+
+
+def _schema(kind: str) -> pa.Schema:
+    if kind not in SCHEMAS:
+        raise ValueError(f"ledger kind must be one of {sorted(SCHEMAS)}, got {kind!r}")
+    return SCHEMAS[kind]
+
+
+def to_table(rows: Sequence[dict[str, Any]], kind: Kind) -> pa.Table:
+    """Build a typed table; rows with missing, extra or null columns are rejected (a typo is not a null)."""
+    schema = _schema(kind)
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        if set(row) != names:
+            raise ValueError(
+                f"{kind} row {i}: missing {sorted(names - set(row))}, unexpected {sorted(set(row) - names)}"
+            )
+        nulls = [name for name in schema.names if row[name] is None]
+        if nulls:
+            raise ValueError(f"{kind} row {i}: null values in {nulls}")
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def write_table(path: str | os.PathLike, rows: Sequence[dict[str, Any]], kind: Kind) -> Path:
+    """Write ``rows`` as a parquet ledger atomically; zero rows still gives a typed, readable file."""
+    table = to_table(rows, kind)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_table(path: str | os.PathLike, kind: Kind | None = None) -> pa.Table:
+    """Read a ledger; with ``kind``, raise ValueError unless its columns and types are the ledger schema."""
+    table = pq.read_table(path)
+    if kind is not None and not table.schema.equals(_schema(kind), check_metadata=False):
+        raise ValueError(f"{path}: not a {kind} ledger; schema is\n{table.schema}")
+    return table
+
+
+def merge_parts(part_paths: Iterable[str | os.PathLike], out_path: str | os.PathLike, kind: Kind) -> Path:
+    """Concatenate ledger parts, in the order given, into one ledger written atomically."""
+    schema = _schema(kind)
+    tables = [read_table(p, kind) for p in part_paths]
+    merged = pa.concat_tables(tables) if tables else schema.empty_table()
+    with atomic_path(out_path) as tmp:
+        pq.write_table(merged, tmp)
+    return Path(out_path)
+
+
+_TASK_RE = re.compile(r"shard-(\d{6,})\.(?:tar|index\.parquet|failures\.parquet)")
+
+
+class RunLayout:
+    """Names of everything in a run directory, and the bookkeeping that makes a run resumable.
+
+    ``OUT/shard-000012.tar``, ``OUT/parts/shard-000012.index.parquet``,
+    ``OUT/parts/shard-000012.failures.parquet``, and after ``finalize`` ``OUT/index.parquet`` and
+    ``OUT/failures.parquet``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = Path(out_dir)
+        self.parts_dir = self.out_dir / "parts"
+        self.index_path = self.out_dir / "index.parquet"
+        self.failures_path = self.out_dir / "failures.parquet"
+
+    def shard_path(self, task: int) -> Path:
+        return self.out_dir / f"shard-{task:06d}.tar"
+
+    def part_paths(self, task: int) -> tuple[Path, Path]:
+        """(index part, failures part) of a task."""
+        stem = f"shard-{task:06d}"
+        return self.parts_dir / f"{stem}.index.parquet", self.parts_dir / f"{stem}.failures.parquet"
+
+    def is_complete(self, task: int) -> bool:
+        return all(p.exists() for p in self.part_paths(task))
+
+    def write_parts(
+        self, task: int, index_rows: Sequence[dict[str, Any]], failure_rows: Sequence[dict[str, Any]]
+    ) -> None:
+        """Record a task as done; call only after its shard has been renamed into place."""
+        index_part, failures_part = self.part_paths(task)
+        write_table(failures_part, failure_rows, "failures")
+        write_table(index_part, index_rows, "index")
+
+    def _tasks_in(self, folder: Path) -> set[int]:
+        if not folder.is_dir():
+            return set()
+        return {int(m.group(1)) for p in folder.iterdir() if (m := _TASK_RE.fullmatch(p.name))}
+
+    def completed_tasks(self) -> list[int]:
+        return sorted(t for t in self._tasks_in(self.parts_dir) if self.is_complete(t))
+
+    def shard_paths(self) -> list[Path]:
+        """Existing shard files, in task order."""
+        return [self.shard_path(t) for t in sorted(self._tasks_in(self.out_dir)) if self.shard_path(t).exists()]
+
+    def sweep_temporaries(self) -> list[Path]:
+        """Delete what a killed run left: ``.*.tmp`` files, and shards and parts of incomplete tasks.
+
+        Call before resuming, with no writer running. Returns the removed paths.
+        """
+        removed: list[Path] = []
+        for folder in (self.out_dir, self.parts_dir):
+            if folder.is_dir():
+                removed += [p for p in folder.glob(".*.tmp") if p.is_file()]
+        for task in self._tasks_in(self.out_dir) | self._tasks_in(self.parts_dir):
+            if not self.is_complete(task):
+                removed += [p for p in (self.shard_path(task), *self.part_paths(task)) if p.exists()]
+        for path in removed:
+            path.unlink()
+        return sorted(removed)
+
+    def finalize(self) -> tuple[Path, Path]:
+        """Merge the parts of all complete tasks into ``index.parquet`` and ``failures.parquet``."""
+        tasks = self.completed_tasks()
+        index = merge_parts([self.part_paths(t)[0] for t in tasks], self.index_path, "index")
+        failures = merge_parts([self.part_paths(t)[1] for t in tasks], self.failures_path, "failures")
+        return index, failures

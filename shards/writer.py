@@ -1,0 +1,78 @@
+"""Write one shard: validated samples into a WebDataset tar that appears under its name only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from webdataset import TarWriter
+
+from shards.atomic import atomic_path
+from shards.schema import Sample, encode_sample, validate_sample
+
+
+class ShardWriter:
+    """Context manager for one shard file.
+
+    Samples go to a hidden temporary file beside ``path``; it is renamed to ``path`` on a clean exit and
+    deleted if the block raises, so a shard that exists is always complete. Every sample is validated before
+    it is written, so a shard never holds a sample the student would choke on. ``index_rows`` holds the ledger
+    rows for the samples written, ready for ``RunLayout.write_parts``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self.bytes = 0
+        self.audio_seconds = 0.0
+        self.index_rows: list[dict[str, Any]] = []
+        self._keys: set[str] = set()
+        self._tar: TarWriter | None = None
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> ShardWriter:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.path))
+            stream = stack.enter_context(open(tmp, "wb"))
+            self._tar = stack.enter_context(TarWriter(stream, encoder=False))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        stack, self._stack, self._tar = self._stack, None, None
+        assert stack is not None
+        return stack.__exit__(exc_type, exc, tb)
+
+    def write(self, sample: Sample) -> int:
+        """Validate and append ``sample``; return the payload bytes written. ValueError lists any problems."""
+        if self._tar is None:
+            raise RuntimeError(f"ShardWriter({self.path}) is not open: use it as a context manager")
+        problems = validate_sample(sample)
+        if sample.key in self._keys:
+            problems.append(f"key {sample.key!r} already written to this shard")
+        if problems:
+            raise ValueError(f"sample {sample.key!r} not written to {self.path.name}: " + "; ".join(problems))
+        size = self._tar.write(encode_sample(sample))
+        self._keys.add(sample.key)
+        self.count += 1
+        self.bytes += size
+        self.audio_seconds += sample.audio_seconds
+        self.index_rows.append(
+            {
+                "key": sample.key,
+                "shard": self.path.name,
+                "source": sample.meta["source"],
+                "duration_s": float(sample.meta["duration_s"]),
+                "frames": sample.frames,
+                "audio_seconds": sample.audio_seconds,
+            }
+        )
+        return size
