@@ -1,4 +1,8 @@
-"""Audio decoding with PyAV: downmix to mono and resample to 22050 Hz with ``av.AudioResampler`` (libswresample)."""
+"""Audio decoding with PyAV: downmix to mono, resample to 22050 Hz (``av.AudioResampler``, libswresample).
+
+libswresample with its default settings is what the ``ffmpeg`` command line uses for ``-ac 1 -ar 22050``, so
+the samples equal that command's output (bit for bit on the shared test videos).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from ingest.media import DecodeError, open_media
+from ingest.media import DecodeError, decode_errors, open_media
 
 SAMPLE_RATE = 22050
 
@@ -35,33 +39,47 @@ def decode_audio(
     max_seconds: float | None = None,
     origin_s: float | None = None,
     rate: int = SAMPLE_RATE,
+    threads: int = 0,
 ) -> DecodedAudio:
     """Decode the first audio stream of ``container`` to mono int16 at ``rate``.
 
-    ``max_seconds`` keeps only the start of the stream (decoding stops soon after it). ``origin_s`` puts the audio on
-    a given clock (the video's start): audio that starts later than that is preceded by silence, so that sample
-    ``i`` is heard at time ``origin_s + i / rate`` like the frames it is paired with.
+    ``max_seconds`` keeps only the start of the stream (decoding stops soon after it). ``origin_s`` puts the
+    audio on a given clock (the video's start): audio that starts later than that is preceded by silence, and
+    audio that starts earlier loses its lead, so that sample ``i`` is heard at time ``origin_s + i / rate``
+    like the frames it is paired with. ``threads`` is the decoder's thread count (0: FFmpeg chooses; 1 for one
+    worker process per core). Other streams are discarded by the demuxer meanwhile, which saves reading video
+    packets that would be dropped.
     """
     if not container.streams.audio:
         raise DecodeError("no_audio", "no audio stream")
     stream = container.streams.audio[0]
-    stream.thread_type = "AUTO"
+    codec = stream.codec_context
+    if not codec.is_open:
+        codec.thread_type = "AUTO"
+        codec.thread_count = threads
+    others = [s for s in container.streams if s is not stream]
+    saved = [s.discard for s in others]
+    for s in others:
+        s.discard = av.stream.Discard.all
     resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
     limit = None if max_seconds is None else int(round(max_seconds * rate))
     chunks: list[np.ndarray] = []
     have = 0
+    shift = 0  # samples of silence to put before the audio (> 0) or samples to drop from its start (< 0)
     first_time: float | None = None
-    channels = stream.codec_context.channels
+    channels = codec.channels
     try:
         for frame in container.decode(stream):
             if first_time is None:
                 first_time = float(frame.time) if frame.time is not None else 0.0
                 channels = len(frame.layout.channels)
+                if origin_s is not None:
+                    shift = int(round((first_time - origin_s) * rate))
             for out in resampler.resample(frame):
                 chunk = out.to_ndarray().reshape(-1)
                 chunks.append(chunk)
                 have += len(chunk)
-            if limit is not None and have >= limit:
+            if limit is not None and have + shift >= limit:
                 break
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray().reshape(-1))
@@ -69,24 +87,31 @@ def decode_audio(
         if not chunks:
             raise DecodeError("audio_decode_failed", f"audio stream could not be decoded: {exc}") from exc
         # a damaged tail: keep what decoded cleanly (a truncated download still has a usable start)
+    finally:
+        for s, discard in zip(others, saved, strict=True):
+            s.discard = discard
     if not chunks or sum(map(len, chunks)) == 0:
         raise DecodeError("no_audio_samples", "audio stream holds no decodable samples")
     samples = np.concatenate(chunks).astype(np.int16, copy=False)
-    start = first_time or 0.0
-    if origin_s is not None and start - origin_s > 0.5 / rate:
-        samples = np.concatenate([np.zeros(int(round((start - origin_s) * rate)), np.int16), samples])
+    if shift > 0:
+        samples = np.concatenate([np.zeros(shift, np.int16), samples])
+    elif shift < 0:
+        samples = samples[-shift:]
     if limit is not None:
         samples = samples[:limit]
     return DecodedAudio(
         samples=samples,
-        source_rate=stream.codec_context.sample_rate or stream.rate or 0,
+        source_rate=codec.sample_rate or stream.rate or 0,
         source_channels=channels or 0,
-        codec=stream.codec_context.name,
-        start_s=start,
+        codec=codec.name,
+        start_s=first_time or 0.0,
     )
 
 
 def read_audio(path: str | os.PathLike, max_seconds: float | None = None) -> DecodedAudio:
-    """Open ``path`` and decode its audio (any container, codec, rate and channel count)."""
-    with open_media(path) as container:
+    """Open ``path`` and decode its audio (any container, codec, rate and channel count).
+
+    Every failure is a :class:`DecodeError`.
+    """
+    with decode_errors(path), open_media(path) as container:
         return decode_audio(container, max_seconds=max_seconds)
