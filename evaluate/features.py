@@ -1,0 +1,79 @@
+"""Fixed-length waveforms and windowed features from any named layer of a SoundNet.
+
+The paper's protocol: a clip is tiled to a fixed length, a layer's output is cut into windows of about one second
+(pool5: 3 steps, stride one step) and each window, flattened, is one SVM example.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluate.datasets import DatasetError
+from ingest.audio import SAMPLE_RATE, read_audio
+from ingest.media import DecodeError
+from student.model import INPUT_SCALE, SoundNet
+
+
+def fixed_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
+    """Tile a clip cyclically (or cut it) to exactly ``num_samples``: a 5 s clip becomes two copies for 10 s."""
+    return np.resize(waveform, num_samples)
+
+
+def load_waveforms(paths: list[Path], seconds: float, workers: int = 4) -> np.ndarray:
+    """Decode every file to mono 22050 Hz float32 of exactly ``seconds``; one error naming every bad file."""
+    num_samples = int(round(seconds * SAMPLE_RATE))
+
+    def load(path: Path) -> np.ndarray | str:
+        try:
+            audio = read_audio(path, max_seconds=seconds)
+        except DecodeError as exc:
+            return f"{path}: {exc.reason}: {exc.message}"
+        return fixed_length(audio.as_float(), num_samples)
+
+    out = np.empty((len(paths), num_samples), np.float32)
+    errors = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = pool.map(load, paths)
+        for i, result in enumerate(tqdm(results, total=len(paths), desc="decode audio", unit="clip")):
+            if isinstance(result, str):
+                errors.append(result)
+            else:
+                out[i] = result
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise DatasetError(f"{len(errors)} audio file(s) could not be read:\n  {shown}{more}")
+    return out
+
+
+def window_steps(model: SoundNet, layer: str, num_samples: int, window_seconds: float) -> int:
+    """Steps of ``layer`` covering ``window_seconds`` (pool5, 1 s: 3); the whole output if a window is too short."""
+    steps = model.output_length(layer, int(round(window_seconds * SAMPLE_RATE)))
+    return steps if steps >= 1 else model.output_length(layer, num_samples)
+
+
+@torch.inference_mode()
+def window_features(
+    model: SoundNet,
+    waveforms: np.ndarray,
+    layer: str,
+    window_seconds: float = 1.0,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> np.ndarray:
+    """``[clips, windows, channels * window_steps]`` float32 features of ``layer`` for equal-length waveforms."""
+    model = model.to(device).eval()
+    num_samples = waveforms.shape[1]
+    width = window_steps(model, layer, num_samples, window_seconds)
+    batches = []
+    for start in tqdm(range(0, len(waveforms), batch_size), desc=f"features {layer}", unit="batch"):
+        x = torch.from_numpy(waveforms[start : start + batch_size]).to(device) * INPUT_SCALE
+        out = model.features(x, layer)[layer]  # [B, C, steps]
+        windows = out.unfold(-1, width, 1)  # [B, C, W, width]
+        batches.append(windows.permute(0, 2, 1, 3).flatten(2).float().cpu().numpy())
+    return np.concatenate(batches)

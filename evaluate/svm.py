@@ -1,0 +1,74 @@
+"""The whole SVM evaluation of a checkpoint: dataset -> waveforms -> layer features -> protocol -> summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluate.datasets import load_dataset
+from evaluate.features import load_waveforms, window_features
+from evaluate.protocol import SVMConfig, run_protocol
+from evaluate.report import summary
+from student.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_svm(
+    checkpoint: str | Path,
+    dataset: str,
+    data_dir: str | Path,
+    layer: str = "pool5",
+    svm: SVMConfig | None = None,
+    clip_seconds: float | None = None,
+    window_seconds: float = 1.0,
+    batch_size: int = 16,
+    device: str = "cpu",
+    workers: int = 4,
+) -> dict[str, Any]:
+    """Run the protocol and return the summary document (see :func:`evaluate.report.summary`)."""
+    svm = svm or SVMConfig()
+    timings = {}
+    start = time.perf_counter()
+    model = load_checkpoint(checkpoint)
+    data = load_dataset(dataset, data_dir)
+    seconds = clip_seconds or data.clip_seconds
+    model.output_length(layer, 0)  # an unknown layer fails here, before any decoding
+    log.info("%s: %d clips, %d classes, folds %s", data.name, len(data.clips), len(data.classes), data.folds)
+
+    t = time.perf_counter()
+    waveforms = load_waveforms([c.path for c in data.clips], seconds, workers=workers)
+    timings["decode_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    features = window_features(model, waveforms, layer, window_seconds, batch_size, device)
+    timings["features_s"] = time.perf_counter() - t
+    log.info("features %s: %d windows x %d dims per clip", layer, features.shape[1], features.shape[2])
+
+    t = time.perf_counter()
+    labels = np.array([c.label for c in data.clips])
+    folds = np.array([c.fold for c in data.clips])
+    result = run_protocol(features, labels, folds, svm)
+    timings["svm_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    return summary(
+        data,
+        labels,
+        result,
+        layer=layer,
+        checkpoint=str(checkpoint),
+        arch=model.config.arch,
+        clip_seconds=seconds,
+        window_seconds=window_seconds,
+        windows_per_clip=int(features.shape[1]),
+        feature_dim=int(features.shape[2]),
+        svm={"C": svm.C, "cv_c": svm.cv_c, "c_grid": list(svm.c_grid), "standardize": svm.standardize},
+        timings_s={k: round(v, 2) for k, v in timings.items()},
+        torch_threads=torch.get_num_threads(),
+    )
