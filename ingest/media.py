@@ -70,7 +70,7 @@ def open_media(source: str | os.PathLike) -> av.container.InputContainer:
             raise DecodeError("io_error", f"{source}: cannot read ({type(exc).__name__}: {exc})") from exc
     try:
         return av.open(source, metadata_errors="replace", timeout=URL_TIMEOUT_S if is_url(source) else None)
-    except av.error.HTTPError as exc:
+    except (av.error.HTTPError, av.error.HTTPClientError, av.error.HTTPServerError) as exc:
         raise DecodeError("http_error", f"{source}: {exc}") from exc
     except av.error.InvalidDataError as exc:
         kind = None if is_url(source) else container_signature(source)

@@ -1,0 +1,128 @@
+"""`ingest`: stage one, videos -> WebDataset shards of waveform + teacher log-posteriors."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from ingest.decode import CLIP_SECONDS
+from ingest.frames import MAX_FRAMES, MIN_SECONDS, SEEK_MODES, SLOT_INTERVAL_S
+
+DEFAULT_TEACHERS = ("imagenet=resnet50:IMAGENET1K_V2",)
+
+
+@click.group()
+def main() -> None:
+    """Turn videos into training shards for the SoundNet student."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+@main.command()
+@click.option(
+    "--videos",
+    required=True,
+    help="A folder (searched recursively), a text file of paths/URLs, "
+    "or a CSV/Parquet file with a 'path' column (optional 'id').",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder for shards and ledgers.")
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    metavar="NAME=ARCH[:WEIGHTS]",
+    help="A vision teacher; NAME becomes the shard field. Repeatable. "
+    f"[default: {' '.join(DEFAULT_TEACHERS)} (downloads weights)]",
+)
+@click.option("--workers", type=int, default=os.cpu_count() or 1, show_default="all cores", help="Decoding processes.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out: finished shards are kept, others redone.")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--clip-seconds", type=float, default=CLIP_SECONDS, show_default=True, help="Audio kept per video.")
+@click.option(
+    "--frame-interval",
+    type=float,
+    default=SLOT_INTERVAL_S,
+    show_default=True,
+    help="Seconds per frame slot; frames at slot centres.",
+)
+@click.option("--max-frames", type=click.IntRange(min=1), default=MAX_FRAMES, show_default=True)
+@click.option(
+    "--frame-seek",
+    type=click.Choice(SEEK_MODES),
+    default="accurate",
+    show_default=True,
+    help="accurate: the frame shown at the slot centre; keyframe: the keyframe before it (faster).",
+)
+@click.option(
+    "--min-seconds",
+    type=float,
+    default=MIN_SECONDS,
+    show_default=True,
+    help="Shorter clips fail as too_short; clips shorter than one slot give one frame at their middle.",
+)
+@click.option("--keep-silent", is_flag=True, help="Keep clips whose audio is digital silence.")
+@click.option("--device", default="auto", show_default=True, help="Teacher device: auto, cpu, cuda, cuda:1 ...")
+@click.option(
+    "--batch-frames",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Frames per teacher batch (across videos).",
+)
+def run(
+    videos,
+    out,
+    teachers,
+    workers,
+    engine,
+    resume,
+    samples_per_shard,
+    clip_seconds,
+    frame_interval,
+    max_frames,
+    frame_seek,
+    min_seconds,
+    keep_silent,
+    device,
+    batch_frames,
+) -> None:
+    """Decode videos, label their frames with the teachers, write shards + index/failure ledgers.
+
+    Exits 0 when every input is accounted for (failures are recorded in failures.parquet, they are data);
+    non-zero for bad options, an unwritable --out, or when not a single sample could be made.
+    """
+    from ingest.inputs import InputListError
+    from ingest.pipeline import IngestConfig
+    from ingest.run import RunError, run_ingest
+
+    if engine == "ray":
+        raise click.UsageError("--engine ray is not available yet; use --engine local")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = IngestConfig(
+        clip_seconds=clip_seconds,
+        frame_interval=frame_interval,
+        max_frames=max_frames,
+        frame_seek=frame_seek,
+        min_seconds=min_seconds,
+        keep_silent=keep_silent,
+        samples_per_shard=samples_per_shard,
+    )
+    try:
+        summary = run_ingest(
+            videos, out, list(teachers or DEFAULT_TEACHERS), config, workers, engine, resume, device, batch_frames
+        )
+    except (InputListError, RunError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    reasons = ", ".join(f"{r} {n}" for r, n in summary.reasons.items()) or "none"
+    click.echo(
+        f"{summary.inputs} inputs: {summary.samples} samples, {summary.failures} failures ({reasons}); "
+        f"{summary.tasks_run} shard tasks run, {summary.tasks_skipped} already done; "
+        f"{summary.seconds:.1f} s, {summary.videos_per_s:.2f} videos/s"
+    )
+    if summary.samples == 0:
+        raise click.ClickException("no input could be made into a sample; see failures.parquet")
