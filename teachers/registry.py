@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision.models
@@ -154,21 +155,22 @@ class LoadedModel:
     classes: tuple[str, ...]
     class_source: str  # "imagenet", "places365", "torchvision:<enum>" or "index" (names are class_<i>)
     preprocessing: Preprocessing
-    weights_sha256: str | None  # of the local file; None for torchvision weight names
+    weights_sha256: str  # of the weights file (for torchvision weight names: the downloaded copy)
     weights_url: str | None  # for torchvision weight names
 
 
 def build(arch: str, weights: Path | WeightsEnum, device: torch.device) -> LoadedModel:
     """Build ``arch``, load ``weights`` strictly and move it to ``device``."""
     if isinstance(weights, WeightsEnum):
-        model = torchvision.models.get_model(arch, weights=weights)
+        model = torchvision.models.get_model(arch, weights=weights)  # downloads into the torch hub cache
         categories = tuple(weights.meta["categories"])
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
         loaded = LoadedModel(
             model,
             categories,
             f"torchvision:{weights}",
             _from_transforms(weights.transforms()),
-            None,
+            sha256_file(cached),
             weights.url,
         )
     elif arch in ARCHS:

@@ -300,12 +300,22 @@ def test_old_densenet_key_names_are_upgraded(tmp_path):
     assert teacher.num_classes == 365
 
 
-def test_torchvision_weight_name_uses_the_weights_metadata(monkeypatch):
-    """The download itself cannot run here; everything around it does."""
+def test_torchvision_weight_name_uses_the_weights_metadata(monkeypatch, tmp_path):
+    """The download itself cannot run here; everything around it does (the stub saves into the hub cache as
+    torchvision's download would)."""
     state = torchvision.models.resnet18().state_dict()
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
+
+    def fake_download(self, *args, **kwargs):
+        path = tmp_path / "checkpoints" / Path(self.url).name
+        path.parent.mkdir(exist_ok=True)
+        torch.save(state, path)
+        return state
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_download)
     teacher = load_teacher("imagenet=resnet18:IMAGENET1K_V1")
-    assert teacher.weights_sha256 is None
+    cached = tmp_path / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    assert teacher.weights_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
     assert teacher.classes == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
     meta = teacher.metadata()
     assert meta["weights_url"].endswith(".pth") and meta["class_source"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
