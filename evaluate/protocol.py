@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 DEFAULT_C = 0.01
-C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
+C_GRID = (0.001, 0.01, 0.1)
 
 
 @dataclass
