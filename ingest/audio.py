@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from ingest.media import DecodeError, decode_errors, open_media
+from ingest.media import DecodeError, decode_errors, decoding_only, open_media
 
 SAMPLE_RATE = 22050
 
@@ -54,13 +54,6 @@ def decode_audio(
         raise DecodeError("no_audio", "no audio stream")
     stream = container.streams.audio[0]
     codec = stream.codec_context
-    if not codec.is_open:
-        codec.thread_type = "AUTO"
-        codec.thread_count = threads
-    others = [s for s in container.streams if s is not stream]
-    saved = [s.discard for s in others]
-    for s in others:
-        s.discard = av.stream.Discard.all
     resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
     limit = None if max_seconds is None else int(round(max_seconds * rate))
     chunks: list[np.ndarray] = []
@@ -68,28 +61,26 @@ def decode_audio(
     shift = 0  # samples of silence to put before the audio (> 0) or samples to drop from its start (< 0)
     first_time: float | None = None
     channels = codec.channels
-    try:
-        for frame in container.decode(stream):
-            if first_time is None:
-                first_time = float(frame.time) if frame.time is not None else 0.0
-                channels = len(frame.layout.channels)
-                if origin_s is not None:
-                    shift = int(round((first_time - origin_s) * rate))
-            for out in resampler.resample(frame):
-                chunk = out.to_ndarray().reshape(-1)
-                chunks.append(chunk)
-                have += len(chunk)
-            if limit is not None and have + shift >= limit:
-                break
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    except av.error.FFmpegError as exc:
-        if not chunks:
-            raise DecodeError("audio_decode_failed", f"audio stream could not be decoded: {exc}") from exc
-        # a damaged tail: keep what decoded cleanly (a truncated download still has a usable start)
-    finally:
-        for s, discard in zip(others, saved, strict=True):
-            s.discard = discard
+    with decoding_only(container, stream, threads):
+        try:
+            for frame in container.decode(stream):
+                if first_time is None:
+                    first_time = float(frame.time) if frame.time is not None else 0.0
+                    channels = len(frame.layout.channels)
+                    if origin_s is not None:
+                        shift = int(round((first_time - origin_s) * rate))
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray().reshape(-1)
+                    chunks.append(chunk)
+                    have += len(chunk)
+                if limit is not None and have + shift >= limit:
+                    break
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            if not chunks:
+                raise DecodeError("audio_decode_failed", f"audio stream could not be decoded: {exc}") from exc
+            # a damaged tail: keep what decoded cleanly (a truncated download still has a usable start)
     if not chunks or sum(map(len, chunks)) == 0:
         raise DecodeError("no_audio_samples", "audio stream holds no decodable samples")
     samples = np.concatenate(chunks).astype(np.int16, copy=False)

@@ -31,7 +31,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from ingest.media import DecodeError
+from ingest.media import DecodeError, decoding_only
 
 SLOT_INTERVAL_S = 5.0
 MAX_FRAMES = 4
@@ -333,30 +333,21 @@ def sample_frames(
     if not container.streams.video:
         raise DecodeError("no_video", "no video stream")
     stream = container.streams.video[0]
-    codec = stream.codec_context
-    if not codec.is_open:
-        codec.thread_type = "AUTO"
-        codec.thread_count = threads
-    others = [s for s in container.streams if s is not stream]
-    saved = [s.discard for s in others]
-    for s in others:
-        s.discard = av.stream.Discard.all
-    cursor = _VideoCursor(container, stream)
-    pick = cursor.accurate if seek == "accurate" or not cursor.timestamped else cursor.keyframe
-    reformatter = VideoReformatter()
-    frames: list[np.ndarray] = []
-    actual: list[float] = []
-    try:
-        for t in times:
-            time, frame = pick(t)
-            frames.append(
-                frame_to_rgb(frame, short_side, stream.sample_aspect_ratio, interpolation, threads, reformatter)
-            )
-            actual.append(time)
-    except av.error.FFmpegError as exc:
-        raise DecodeError("video_decode_failed", f"video frame could not be converted: {exc}") from exc
-    finally:
-        codec.skip_frame = "DEFAULT"
-        for s, discard in zip(others, saved, strict=True):
-            s.discard = discard
+    with decoding_only(container, stream, threads):
+        cursor = _VideoCursor(container, stream)
+        pick = cursor.accurate if seek == "accurate" or not cursor.timestamped else cursor.keyframe
+        reformatter = VideoReformatter()
+        frames: list[np.ndarray] = []
+        actual: list[float] = []
+        try:
+            for t in times:
+                time, frame = pick(t)
+                frames.append(
+                    frame_to_rgb(frame, short_side, stream.sample_aspect_ratio, interpolation, threads, reformatter)
+                )
+                actual.append(time)
+        except av.error.FFmpegError as exc:
+            raise DecodeError("video_decode_failed", f"video frame could not be converted: {exc}") from exc
+        finally:
+            stream.codec_context.skip_frame = "DEFAULT"
     return frames, actual

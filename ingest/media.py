@@ -107,3 +107,22 @@ def decode_errors(source: str | os.PathLike) -> Iterator[None]:
         raise DecodeError("out_of_memory", f"{source}: out of memory while decoding") from exc
     except Exception as exc:
         raise DecodeError("unexpected_error", f"{source}: {type(exc).__name__}: {exc}") from exc
+
+
+@contextmanager
+def decoding_only(container: av.container.InputContainer, stream: av.stream.Stream, threads: int) -> Iterator[None]:
+    """Decode ``stream`` alone: its decoder gets ``threads`` (0: FFmpeg chooses, 1: one worker per core) and the
+    demuxer discards every other stream meanwhile, which saves reading packets that would be dropped."""
+    codec = stream.codec_context
+    if not codec.is_open:
+        codec.thread_type = "AUTO"
+        codec.thread_count = threads
+    others = [s for s in container.streams if s is not stream]
+    saved = [s.discard for s in others]
+    for s in others:
+        s.discard = av.stream.Discard.all
+    try:
+        yield
+    finally:
+        for s, discard in zip(others, saved, strict=True):
+            s.discard = discard
