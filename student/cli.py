@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from student.loss import KL_NORMS
+from student.model import ARCHITECTURES
+from student.train import NonFiniteLoss, TrainConfig, train
+
 
 @click.group()
 def main() -> None:
@@ -30,3 +34,68 @@ def import_soundnet(npz: str, out: Path) -> None:
     params = sum(p.numel() for p in model.parameters())
     heads = ", ".join(f"{name} ({n})" for name, n in model.config.heads.items())
     click.echo(f"wrote {out}: {model.config.arch}, {params:,} parameters, heads {heads}")
+
+
+_TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
+
+
+@main.command("train")
+@click.option(
+    "--shards",
+    required=True,
+    multiple=True,
+    help="Training shards: a brace pattern, glob, directory or path; repeatable.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), default=_TRAIN.arch, show_default=True)
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=_TRAIN.steps, show_default=True, help="Total optimiser steps."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_TRAIN.batch_size,
+    show_default=True,
+    help="Clips per step per rank.",
+)
+@click.option("--lr", type=float, default=_TRAIN.lr, show_default=True, help="Adam learning rate.")
+@click.option("--beta1", type=float, default=_TRAIN.beta1, show_default=True, help="Adam beta1.")
+@click.option(
+    "--kl-weight", type=float, default=_TRAIN.kl_weight, show_default=True, help="Loss = weight x mean KL (lambda)."
+)
+@click.option(
+    "--kl-norm",
+    type=click.Choice(KL_NORMS),
+    default=_TRAIN.kl_norm,
+    show_default=True,
+    help="mean: KL averaged over batch x classes x steps (the paper); sample: summed over classes, per clip-step.",
+)
+@click.option(
+    "--temperature", type=click.FloatRange(min=0, min_open=True), default=_TRAIN.temperature, show_default=True
+)
+@click.option(
+    "--shuffle", type=click.IntRange(min=0), default=_TRAIN.shuffle, show_default=True, help="Shuffle buffer (clips)."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=_TRAIN.workers,
+    show_default=True,
+    help="Loader processes per rank.",
+)
+@click.option("--device", default=_TRAIN.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp/--no-amp", default=_TRAIN.amp, show_default=True, help="bf16 autocast (CUDA only).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the network.")
+@click.option("--log-every", type=click.IntRange(min=1), default=_TRAIN.log_every, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_TRAIN.checkpoint_every, show_default=True)
+@click.option("--val-shards", multiple=True, help="Held-out shards: KL and top-1 agreement with each teacher.")
+@click.option("--val-every", type=click.IntRange(min=1), default=_TRAIN.val_every, show_default=True)
+@click.option("--seed", type=int, default=_TRAIN.seed, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt up to --steps.")
+def train_command(shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...], compile_: bool, **options) -> None:
+    """Distil the teachers stored in the shards into a SoundNet; runs under torchrun for several GPUs or machines."""
+    config = TrainConfig(shards=list(shards), out=str(out), val_shards=list(val_shards), compile=compile_, **options)
+    try:
+        train(config)
+    except (NonFiniteLoss, FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
