@@ -35,8 +35,31 @@ def main() -> None:
     help="A vision teacher; NAME becomes the shard field. Repeatable. "
     f"[default: {' '.join(DEFAULT_TEACHERS)} (downloads weights)]",
 )
-@click.option("--workers", type=int, default=os.cpu_count() or 1, show_default="all cores", help="Decoding processes.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=os.cpu_count() or 1,
+    show_default="all cores",
+    help="Decoding processes (--engine ray without --ray-address: CPUs for decoding in the Ray it starts).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: processes on this machine; ray: shard tasks on a Ray cluster (pip install 'soundnet-distill[ray]').",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="With --engine ray: the cluster to join (host:port, or 'auto'); default: start a Ray on this machine.",
+)
+@click.option(
+    "--ray-teachers",
+    type=click.IntRange(min=1),
+    help="With --engine ray: teacher actors, each holding a GPU (or a CPU on a cluster without GPUs).  "
+    "[default: one per GPU; 1 without GPUs]",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out: finished shards are kept, others redone.")
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--clip-seconds", type=float, default=CLIP_SECONDS, show_default=True, help="Audio kept per video.")
@@ -77,6 +100,8 @@ def run(
     teachers,
     workers,
     engine,
+    ray_address,
+    ray_teachers,
     resume,
     samples_per_shard,
     clip_seconds,
@@ -97,9 +122,9 @@ def run(
     from ingest.pipeline import IngestConfig
     from ingest.run import RunError, run_ingest
 
-    if engine == "ray":
-        raise click.UsageError("--engine ray is not available yet; use --engine local")
-    if device == "auto":
+    if engine != "ray" and (ray_address or ray_teachers):
+        raise click.UsageError("--ray-address and --ray-teachers need --engine ray")
+    if device == "auto" and engine == "local":  # on Ray, the cluster's GPUs decide
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +139,17 @@ def run(
     )
     try:
         summary = run_ingest(
-            videos, out, list(teachers or DEFAULT_TEACHERS), config, workers, engine, resume, device, batch_frames
+            videos,
+            out,
+            list(teachers or DEFAULT_TEACHERS),
+            config,
+            workers,
+            engine,
+            resume,
+            device,
+            batch_frames,
+            ray_address,
+            ray_teachers,
         )
     except (InputListError, RunError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -121,6 +121,11 @@ class Labeller:
         self.batch_size = batch_size
         self.teacher_meta = {t.name: t.metadata() for t in self.teachers}
 
+    @property
+    def short_side(self) -> int:
+        """The size frames are decoded to: the largest resize any teacher wants, so no teacher upsamples."""
+        return max(t.preprocessing.resize for t in self.teachers)
+
     def _log_probs(self, frames: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {t.name: t.log_probs(frames, batch_size=self.batch_size).numpy() for t in self.teachers}
 

@@ -9,6 +9,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,17 @@ def _start_or_resume(layout: RunLayout, manifest: dict, resume: bool) -> None:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def _ray_engine() -> Callable[..., None]:
+    """``run_ray``, imported only for ``--engine ray``: Ray is an optional extra."""
+    try:
+        from ingest.ray_engine import run_ray
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise RunError(f"--engine ray needs Ray ({exc}): pip install 'soundnet-distill[ray]'") from exc
+    return run_ray
+
+
 def run_ingest(
     videos: str | Path,
     out: str | Path,
@@ -91,13 +103,22 @@ def run_ingest(
     resume: bool = False,
     device: str = "cpu",
     batch_frames: int = 64,
+    ray_address: str | None = None,
+    ray_teachers: int | None = None,
 ) -> RunSummary:
-    """Run stage one; returns counts. Failures of single inputs are data (the ledger), not exceptions."""
+    """Run stage one; returns counts. Failures of single inputs are data (the ledger), not exceptions.
+
+    ``engine`` "ray" runs on the Ray cluster at ``ray_address`` (default: a Ray started on this machine), with
+    ``ray_teachers`` teacher actors (default: one per GPU). Weights files are checked here unless they are only
+    needed on the machines of a cluster joined by address.
+    """
     from teachers import load_teacher, parse_specs
 
     start = time.perf_counter()
+    if engine == "ray":  # before anything is written
+        run_ray = _ray_engine()
     inputs = read_video_list(videos)
-    specs = parse_specs(teacher_specs)
+    specs = parse_specs(teacher_specs, check_weights=engine == "local" or ray_address is None)
     layout = RunLayout(out)
     _check_writable(layout.out_dir)
     _start_or_resume(layout, _manifest(inputs, config, [str(s) for s in specs]), resume)
@@ -106,23 +127,25 @@ def run_ingest(
     todo = [t for t in tasks if not layout.is_complete(t.index)]
     log.info("%d inputs in %d shard tasks; %d to run", len(inputs), len(tasks), len(todo))
 
-    teachers = [load_teacher(spec, device) for spec in specs]
-    short_side = max(t.preprocessing.resize for t in teachers)
-    config = dataclasses.replace(config, short_side=short_side)
-    labeller = Labeller(teachers, batch_size=batch_frames)
-
     counts: Counter[str] = Counter()
     with tqdm(total=sum(len(t.inputs) for t in todo), unit="video", desc="ingest", dynamic_ncols=True) as bar:
 
-        def on_result(d: Decoded) -> None:
-            counts["ok" if d.clip else "failed"] += 1
-            bar.update()
+        def on_progress(ok: int, failed: int) -> None:
+            counts.update(ok=ok, failed=failed)
+            bar.update(ok + failed)
             bar.set_postfix(ok=counts["ok"], failed=counts["failed"], refresh=False)
+
+        def on_result(d: Decoded) -> None:
+            on_progress(int(d.clip is not None), int(d.clip is None))
 
         if engine == "local":
             from ingest.local import run_local
 
+            labeller = Labeller([load_teacher(spec, device) for spec in specs], batch_size=batch_frames)
+            config = dataclasses.replace(config, short_side=labeller.short_side)
             run_local(todo, layout, config, labeller, workers, on_result)
+        elif engine == "ray":
+            run_ray(todo, layout, config, specs, device, batch_frames, workers, ray_address, ray_teachers, on_progress)
         else:
             raise RunError(f"unknown engine {engine!r}")
 

@@ -1,0 +1,205 @@
+"""The Ray engine: the local engine's shard tasks, scheduled on a Ray cluster.
+
+One Ray task per shard task writes that shard and its ledger parts with :class:`TaskWriter` into the run folder
+(a shared filesystem on a cluster). It decodes its inputs as one-CPU Ray tasks, a bounded window ahead, and sends
+the decoded clips in batches to a pool of teacher actors: one loaded teacher set per GPU (CPU actors on a cluster
+without GPUs), each batching frames across videos, whichever shard task they come from.
+
+Ray redoes what a dead process was running: a decode (an input that kills its worker on every try becomes a
+``worker_crashed`` row), a labelling call (the actor is restarted and reloads its teachers) or a whole shard task
+(its shard is written again from the start). A shard task is complete only when its ledger parts exist, and they
+are written after the shard is in place, so every input still ends exactly once in the ledgers.
+
+Only ``--engine ray`` imports this module: Ray is an optional extra.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import OutOfMemoryError, RayError, WorkerCrashedError
+
+from ingest.inputs import VideoInput
+from ingest.pipeline import Decoded, IngestConfig, Labeller, ShardTask, TaskWriter, decode_input, failure_row
+from ingest.run import RunError
+from shards.ledger import RunLayout
+from shards.schema import Sample
+
+if TYPE_CHECKING:  # workers that only decode or write shards never import torchvision
+    from teachers import TeacherSpec
+
+DECODE_RETRIES = 2  # an input whose decoder kills the worker three times is that input's fault
+TASK_RETRIES = 3  # a shard task whose process died or that raised is redone whole
+ACTOR_RESTARTS = 3  # a teacher actor that died is restarted and the calls it held are retried
+LABEL_CALLS_IN_FLIGHT = 2  # per shard task: one batch on the teachers while the next one is decoded
+
+decode_task = ray.remote(num_cpus=1, max_retries=DECODE_RETRIES)(decode_input)
+
+
+class Teachers:
+    """One loaded teacher set (per GPU, or per CPU slot) that labels batches of clips for any shard task."""
+
+    def __init__(self, specs: list[str], device: str, batch_frames: int) -> None:
+        from teachers import load_teacher
+
+        self.labeller = Labeller([load_teacher(spec, device) for spec in specs], batch_frames)
+
+    def short_side(self) -> int:
+        return self.labeller.short_side
+
+    def label(self, decoded: list[Decoded]) -> list[Sample | dict[str, str]]:
+        return self.labeller.label(decoded)
+
+
+def _fetch(item: VideoInput, ref: ray.ObjectRef) -> Decoded:
+    """The decoded input, or a ``worker_crashed`` row when its worker died on every try."""
+    try:
+        return ray.get(ref)
+    except (WorkerCrashedError, OutOfMemoryError) as exc:
+        message = (
+            f"the decoding worker process died {DECODE_RETRIES + 1} times on this input (decoder crash or out of "
+            f"memory): {str(exc).splitlines()[0]}"
+        )
+        return Decoded(item, failure=failure_row(item.source, "decode", "worker_crashed", message, type(exc).__name__))
+
+
+@ray.remote(num_cpus=0, max_retries=TASK_RETRIES, retry_exceptions=True)
+def write_shard(
+    task: ShardTask,
+    out_dir: str,
+    config: IngestConfig,
+    teachers: list[ActorHandle],
+    window: int,
+    batch_frames: int,
+) -> tuple[int, int]:
+    """Decode, label and write one shard; returns (samples, failures).
+
+    Takes no CPU of its own: it mostly waits on its decodes and labelling calls, and the driver bounds how many
+    shard tasks run at once. Results are added in input order, so the shard equals the local engine's.
+    """
+    items = iter(task.inputs)
+    decoding: deque[tuple[VideoInput, ray.ObjectRef]] = deque()
+    labelling: deque[ray.ObjectRef] = deque()
+    batch: list[Decoded] = []
+    turns = itertools.count(task.index)  # round robin over the actors, shard tasks starting at different ones
+
+    def refill() -> None:
+        while len(decoding) < window and (item := next(items, None)) is not None:
+            decoding.append((item, decode_task.remote(item, config)))
+
+    with TaskWriter(RunLayout(out_dir), task) as writer:
+        refill()
+        while decoding:
+            batch.append(_fetch(*decoding.popleft()))
+            refill()
+            if not decoding or sum(len(d.clip.frames) for d in batch if d.clip) >= batch_frames:
+                labelling.append(teachers[next(turns) % len(teachers)].label.remote(batch))
+                batch = []
+            while len(labelling) > LABEL_CALLS_IN_FLIGHT or (labelling and not decoding):
+                writer.add(ray.get(labelling.popleft()))
+    return writer.samples, len(writer.failures)
+
+
+def _connect(address: str | None, cpus: int, gpus: int) -> None:
+    """Join the cluster at ``address``, or start a Ray on this machine for this run (stopped by ray.shutdown)."""
+    if address:
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            raise RunError(f"--ray-address {address}: no Ray cluster to join ({exc})") from exc
+        return
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # started by us: no usage reports to the internet
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False)
+
+
+def _teacher_pool(
+    specs: Sequence[TeacherSpec], device: str, batch_frames: int, count: int | None
+) -> tuple[list[ActorHandle], int]:
+    """Teacher actors, loaded (one per GPU of the cluster unless ``count`` says otherwise), and the frame size
+    their teachers want."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if on_gpu and gpus == 0:
+        raise RunError("--device cuda: the Ray cluster has no GPU")
+    count = count or (gpus if on_gpu else 1)
+    if on_gpu and count > gpus:
+        raise RunError(f"{count} teacher actors need a GPU each; the Ray cluster has {gpus}")
+    if cpus - count < 1:  # each actor holds a CPU; decoding needs at least one more
+        raise RunError(f"the Ray cluster has {cpus} CPUs: too few for {count} teacher actors and decoding")
+    actor = ray.remote(Teachers).options(
+        num_cpus=1,
+        num_gpus=1 if on_gpu else 0,
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_RESTARTS,
+        max_concurrency=2 if on_gpu else 1,  # on a GPU, one call's host work overlaps the other's kernels
+    )
+    pool = [actor.remote([str(s) for s in specs], "cuda" if on_gpu else "cpu", batch_frames) for _ in range(count)]
+    try:
+        short_side = max(ray.get([a.short_side.remote() for a in pool]))
+    except RayError as exc:
+        raise RunError(
+            f"the teachers could not be loaded on the Ray cluster: {str(exc).strip().splitlines()[-1]}"
+        ) from exc
+    return pool, short_side
+
+
+def run_ray(
+    tasks: Sequence[ShardTask],
+    layout: RunLayout,
+    config: IngestConfig,
+    specs: Sequence[TeacherSpec],
+    device: str,
+    batch_frames: int,
+    workers: int,
+    address: str | None = None,
+    teacher_actors: int | None = None,
+    on_progress: Callable[[int, int], None] = lambda samples, failures: None,
+) -> None:
+    """Turn every task into its shard and ledger parts on Ray; ``on_progress(samples, failures)`` per shard.
+
+    Without ``address`` a Ray is started on this machine with ``workers`` decoding CPUs (plus one per teacher
+    actor) and stopped at the end. Raises RunError when shard tasks still fail after their retries; the finished
+    ones stay, and ``--resume`` redoes the rest.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise RunError(f"--device {device}: on Ray each teacher actor is given its own GPU; use auto, cpu or cuda")
+    if not tasks:
+        return
+    import torch
+
+    gpus = 0 if device == "cpu" else torch.cuda.device_count()
+    _connect(address, workers + (teacher_actors or max(gpus, 1)), gpus)
+    try:
+        pool, short_side = _teacher_pool(specs, device, batch_frames, teacher_actors)
+        config = replace(config, short_side=short_side)
+        window = max(8, 2 * math.ceil(batch_frames / config.max_frames))  # decodes ahead, per shard task
+        decode_cpus = int(ray.cluster_resources().get("CPU", 0)) - len(pool)
+        in_flight = max(2, len(pool) + 1, math.ceil(2 * decode_cpus / window))
+        queue, running, failed = deque(tasks), {}, []
+        while queue or running:
+            while queue and len(running) < in_flight:
+                task = queue.popleft()
+                running[write_shard.remote(task, str(layout.out_dir), config, pool, window, batch_frames)] = task
+            done, _ = ray.wait(list(running), num_returns=1)
+            task = running.pop(done[0])
+            try:
+                on_progress(*ray.get(done[0]))
+            except RayError as exc:
+                failed.append(f"shard task {task.index}: {str(exc).strip().splitlines()[-1]}")
+        layout.sweep_temporaries()  # what killed attempts left behind; no writer runs any more
+    finally:
+        ray.shutdown()
+    if failed:
+        raise RunError(
+            f"{len(failed)} of {len(tasks)} shard tasks failed after {TASK_RETRIES} retries "
+            f"({'; '.join(failed[:3])}); the others are complete: run again with --resume to redo these"
+        )
