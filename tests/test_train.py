@@ -261,7 +261,7 @@ def test_torchrun_two_ranks_take_the_same_steps_and_end_with_identical_weights(
     assert records[-1]["val_clips"] == held_out_clips  # each held-out clip once, over both ranks
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_150_steps_at_batch_8_cut_the_loss_and_resume_to_160(real_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     options = ("--batch-size", "8", "--workers", "1", "--shuffle", "64", "--log-every", "1")
