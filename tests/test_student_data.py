@@ -23,14 +23,9 @@ from student.data import (
     make_loader,
     tile_clip,
 )
+from tests.test_shards import log_softmax
 
 HEADS = {"imagenet": 10, "places": 6}
-
-
-def log_softmax_rows(rng: np.random.Generator, frames: int, classes: int) -> np.ndarray:
-    logits = rng.normal(scale=3.0, size=(frames, classes))
-    logits -= logits.max(axis=1, keepdims=True)
-    return (logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))).astype(np.float16)
 
 
 def make_sample(key: str, frames: int = 4, seconds: float = 20.0, seed: int = 0) -> Sample:
@@ -39,7 +34,7 @@ def make_sample(key: str, frames: int = 4, seconds: float = 20.0, seed: int = 0)
     return Sample(
         key=key,
         audio=rng.integers(-3000, 3000, size=int(seconds * SAMPLE_RATE), dtype=np.int16),
-        posteriors={name: log_softmax_rows(rng, frames, c) for name, c in HEADS.items()},
+        posteriors={name: log_softmax(rng, frames, c) for name, c in HEADS.items()},
         meta={
             "source": f"{key}.mp4",
             "duration_s": seconds,
