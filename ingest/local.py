@@ -17,7 +17,16 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 from ingest.inputs import VideoInput
-from ingest.pipeline import Decoded, IngestConfig, Labeller, ShardTask, TaskWriter, decode_input, failure_row
+from ingest.pipeline import (
+    Decoded,
+    IngestConfig,
+    Labeller,
+    ShardTask,
+    TaskWriter,
+    decode_input,
+    failure_row,
+    frame_count,
+)
 from shards.ledger import RunLayout
 
 
@@ -100,7 +109,7 @@ def run_local(
                     d = next(decoded)
                     on_result(d)
                     batch.append(d)
-                    if sum(len(b.clip.frames) for b in batch if b.clip) >= labeller.batch_size:
+                    if frame_count(batch) >= labeller.batch_size:
                         writer.add(labeller.label(batch))
                         batch = []
                 writer.add(labeller.label(batch))

@@ -86,6 +86,11 @@ class Decoded:
     failure: dict[str, str] | None = None
 
 
+def frame_count(batch: Sequence[Decoded]) -> int:
+    """Frames a batch of decoded inputs brings to the teachers: engines label once it reaches ``--batch-frames``."""
+    return sum(len(d.clip.frames) for d in batch if d.clip is not None)
+
+
 def decode_input(item: VideoInput, config: IngestConfig) -> Decoded:
     """Decode one input; any failure, expected or not, becomes a ledger row instead of an exception."""
     if item.key is None:

@@ -28,7 +28,16 @@ from ray.actor import ActorHandle
 from ray.exceptions import OutOfMemoryError, RayError, WorkerCrashedError
 
 from ingest.inputs import VideoInput
-from ingest.pipeline import Decoded, IngestConfig, Labeller, ShardTask, TaskWriter, decode_input, failure_row
+from ingest.pipeline import (
+    Decoded,
+    IngestConfig,
+    Labeller,
+    ShardTask,
+    TaskWriter,
+    decode_input,
+    failure_row,
+    frame_count,
+)
 from ingest.run import RunError
 from shards.ledger import RunLayout
 from shards.schema import Sample
@@ -100,7 +109,7 @@ def write_shard(
         while decoding:
             batch.append(_fetch(*decoding.popleft()))
             refill()
-            if not decoding or sum(len(d.clip.frames) for d in batch if d.clip) >= batch_frames:
+            if not decoding or frame_count(batch) >= batch_frames:
                 labelling.append(teachers[next(turns) % len(teachers)].label.remote(batch))
                 batch = []
             while len(labelling) > LABEL_CALLS_IN_FLIGHT or (labelling and not decoding):
