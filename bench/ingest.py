@@ -43,10 +43,10 @@ if __package__ in (
 import imageio_ffmpeg
 import numpy as np
 
-from ingest.audio import SAMPLE_RATE, decode_audio
-from ingest.decode import CLIP_SECONDS, decode_clip
-from ingest.frames import SHORT_SIDE, sample_frames, slot_times, video_duration_s
-from ingest.media import DecodeError, open_media
+from soundnet.audio import SAMPLE_RATE, decode_audio
+from soundnet.ingest.decode import CLIP_SECONDS, decode_clip
+from soundnet.ingest.frames import SHORT_SIDE, sample_frames, slot_times, video_duration_s
+from soundnet.media import DecodeError, open_media
 
 VIDEO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi"}

@@ -37,9 +37,9 @@ import torch
 import torchvision
 
 from bench.ingest import VIDEO_DIR, cpu_seconds, slots_for, video_files
-from ingest.frames import SHORT_SIDE, sample_frames
-from ingest.media import DecodeError, open_media
-from teachers import Teacher, load_teacher
+from soundnet.ingest.frames import SHORT_SIDE, sample_frames
+from soundnet.media import DecodeError, open_media
+from soundnet.teachers import Teacher, load_teacher
 
 TEACHER_DIR = VIDEO_DIR.parent / "teachers"
 REAL_TEACHERS = {

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from shards.reader import expand_shards, iter_samples
-from shards.schema import Sample
-from shards.writer import ShardWriter
-from student.data import CLIP_SAMPLES, SLOTS, discover_heads, make_example, make_loader, to_device
-from student.distributed import resolve_device
-from student.model import INPUT_SCALE, SAMPLE_RATE, ModelConfig, build_model
-from student.train import TrainConfig, train, train_step
+from soundnet.shards.contract import AUDIO_SCALE, SAMPLE_RATE
+from soundnet.shards.reader import expand_shards, iter_samples
+from soundnet.shards.schema import Sample
+from soundnet.shards.writer import ShardWriter
+from soundnet.student.data import CLIP_SAMPLES, SLOTS, discover_heads, make_example, make_loader, to_device
+from soundnet.student.distributed import resolve_device
+from soundnet.student.model import ModelConfig, build_model
+from soundnet.student.train import TrainConfig, train, train_step
 
 HEADS = {"imagenet": 1000, "places": 365}
 
@@ -116,7 +117,7 @@ def plain_batches(urls: list[str], heads: dict[str, int], batch_size: int) -> It
     samples = itertools.chain.from_iterable(iter_samples(urls) for _ in itertools.count())
     while True:
         batch = default_collate([make_example(next(samples), heads) for _ in range(batch_size)])
-        batch["audio"] = batch["audio"].float() * (INPUT_SCALE / 32768.0)
+        batch["audio"] = batch["audio"].float() / AUDIO_SCALE
         batch["targets"] = {n: t.float() for n, t in batch["targets"].items()}
         yield batch
 

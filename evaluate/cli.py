@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from evaluate.datasets import LOADERS, DatasetError
-from evaluate.protocol import C_GRID, DEFAULT_C, SVMConfig
+from soundnet.evaluate.datasets import LOADERS, DatasetError
+from soundnet.evaluate.protocol import C_GRID, DEFAULT_C, SVMConfig
 
 
 @click.group()
@@ -58,8 +58,8 @@ def svm(
     workers,
 ) -> None:
     """Linear SVM on windowed layer features, leave-one-fold-out; prints per-fold and mean accuracy."""
-    from evaluate.report import plot_confusion, write_json
-    from evaluate.svm import evaluate_svm
+    from soundnet.evaluate.report import plot_confusion, write_json
+    from soundnet.evaluate.svm import evaluate_svm
 
     config = SVMConfig(C=c, cv_c=cv_c, standardize=not no_standardize)
     try:

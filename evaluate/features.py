@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluate.datasets import DatasetError
-from ingest.audio import SAMPLE_RATE, read_audio
-from ingest.media import DecodeError
-from student.model import INPUT_SCALE, SoundNet
+from soundnet.audio import SAMPLE_RATE, read_audio
+from soundnet.evaluate.datasets import DatasetError
+from soundnet.media import DecodeError
+from soundnet.student.model import SoundNet
 
 
 def fixed_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
@@ -72,7 +72,7 @@ def window_features(
     width = window_steps(model, layer, num_samples, window_seconds)
     batches = []
     for start in tqdm(range(0, len(waveforms), batch_size), desc=f"features {layer}", unit="batch"):
-        x = torch.from_numpy(waveforms[start : start + batch_size]).to(device) * INPUT_SCALE
+        x = torch.from_numpy(waveforms[start : start + batch_size]).to(device)
         out = model.features(x, layer)[layer]  # [B, C, steps]
         windows = out.unfold(-1, width, 1)  # [B, C, W, width]
         batches.append(windows.permute(0, 2, 1, 3).flatten(2).float().cpu().numpy())

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluate.datasets import Dataset
-from evaluate.protocol import ProtocolResult
+from soundnet.evaluate.datasets import Dataset
+from soundnet.evaluate.protocol import ProtocolResult
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluate.datasets import load_dataset
-from evaluate.features import load_waveforms, window_features
-from evaluate.protocol import SVMConfig, run_protocol
-from evaluate.report import summary
-from student.checkpoint import load_checkpoint
+from soundnet.evaluate.datasets import load_dataset
+from soundnet.evaluate.features import load_waveforms, window_features
+from soundnet.evaluate.protocol import SVMConfig, run_protocol
+from soundnet.evaluate.report import summary
+from soundnet.student.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

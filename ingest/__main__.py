@@ -1,3 +1,3 @@
-from ingest.cli import main
+from soundnet.ingest.cli import main
 
 main()

@@ -7,8 +7,8 @@ import os
 
 import click
 
-from ingest.decode import CLIP_SECONDS
-from ingest.frames import MAX_FRAMES, MIN_SECONDS, SEEK_MODES, SLOT_INTERVAL_S
+from soundnet.ingest.decode import CLIP_SECONDS
+from soundnet.ingest.frames import MAX_FRAMES, MIN_SECONDS, SEEK_MODES, SLOT_INTERVAL_S
 
 DEFAULT_TEACHERS = ("imagenet=resnet50:IMAGENET1K_V2",)
 
@@ -118,9 +118,9 @@ def run(
     Exits 0 when every input is accounted for (failures are recorded in failures.parquet, they are data);
     non-zero for bad options, an unwritable --out, or when not a single sample could be made.
     """
-    from ingest.inputs import InputListError
-    from ingest.pipeline import IngestConfig
-    from ingest.run import RunError, run_ingest
+    from soundnet.ingest.inputs import InputListError
+    from soundnet.ingest.pipeline import IngestConfig
+    from soundnet.ingest.run import RunError, run_ingest
 
     if engine != "ray" and (ray_address or ray_teachers):
         raise click.UsageError("--ray-address and --ray-teachers need --engine ray")

@@ -15,8 +15,8 @@ from typing import Any
 import av
 import numpy as np
 
-from ingest.audio import SAMPLE_RATE, DecodedAudio, decode_audio
-from ingest.frames import (
+from soundnet.audio import SAMPLE_RATE, DecodedAudio, decode_audio
+from soundnet.ingest.frames import (
     MAX_FRAMES,
     MIN_SECONDS,
     SEEK_MODES,
@@ -27,7 +27,7 @@ from ingest.frames import (
     video_duration_s,
     video_start_s,
 )
-from ingest.media import DecodeError, decode_errors, open_media
+from soundnet.media import DecodeError, decode_errors, open_media
 
 CLIP_SECONDS = 20.0
 # int16 peak at or below which audio counts as digital silence: zeros, or at most dither in the last bit

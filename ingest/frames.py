@@ -31,7 +31,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from ingest.media import DecodeError, decoding_only
+from soundnet.media import DecodeError, decoding_only
 
 SLOT_INTERVAL_S = 5.0
 MAX_FRAMES = 4

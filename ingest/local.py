@@ -16,8 +16,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
-from ingest.inputs import VideoInput
-from ingest.pipeline import (
+from soundnet.ingest.inputs import VideoInput
+from soundnet.ingest.pipeline import (
     Decoded,
     IngestConfig,
     Labeller,
@@ -27,7 +27,7 @@ from ingest.pipeline import (
     failure_row,
     frame_count,
 )
-from shards.ledger import RunLayout
+from soundnet.shards.ledger import RunLayout
 
 
 def _single_threaded() -> None:

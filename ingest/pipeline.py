@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ingest.decode import CLIP_SECONDS, DecodedClip, decode_clip
-from ingest.frames import MAX_FRAMES, MIN_SECONDS, SHORT_SIDE, SLOT_INTERVAL_S
-from ingest.inputs import VideoInput
-from ingest.media import DecodeError
-from shards.ledger import RunLayout
-from shards.schema import Sample
-from shards.writer import ShardWriter
+from soundnet.ingest.decode import CLIP_SECONDS, DecodedClip, decode_clip
+from soundnet.ingest.frames import MAX_FRAMES, MIN_SECONDS, SHORT_SIDE, SLOT_INTERVAL_S
+from soundnet.ingest.inputs import VideoInput
+from soundnet.media import DecodeError
+from soundnet.shards.ledger import RunLayout
+from soundnet.shards.schema import Sample
+from soundnet.shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

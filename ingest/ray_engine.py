@@ -27,8 +27,8 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import OutOfMemoryError, RayError, WorkerCrashedError
 
-from ingest.inputs import VideoInput
-from ingest.pipeline import (
+from soundnet.ingest.inputs import VideoInput
+from soundnet.ingest.pipeline import (
     Decoded,
     IngestConfig,
     Labeller,
@@ -38,12 +38,12 @@ from ingest.pipeline import (
     failure_row,
     frame_count,
 )
-from ingest.run import RunError
-from shards.ledger import RunLayout
-from shards.schema import Sample
+from soundnet.ingest.run import RunError
+from soundnet.shards.ledger import RunLayout
+from soundnet.shards.schema import Sample
 
 if TYPE_CHECKING:  # workers that only decode or write shards never import torchvision
-    from teachers import TeacherSpec
+    from soundnet.teachers import TeacherSpec
 
 DECODE_RETRIES = 2  # an input whose decoder kills the worker three times is that input's fault
 TASK_RETRIES = 3  # a shard task whose process died or that raised is redone whole
@@ -57,7 +57,7 @@ class Teachers:
     """One loaded teacher set (per GPU, or per CPU slot) that labels batches of clips for any shard task."""
 
     def __init__(self, specs: list[str], device: str, batch_frames: int) -> None:
-        from teachers import load_teacher
+        from soundnet.teachers import load_teacher
 
         self.labeller = Labeller([load_teacher(spec, device) for spec in specs], batch_frames)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ingest.inputs import read_video_list
-from ingest.pipeline import Decoded, IngestConfig, Labeller, make_tasks
-from shards.atomic import atomic_path
-from shards.ledger import RunLayout
+from soundnet.ingest.inputs import read_video_list
+from soundnet.ingest.pipeline import Decoded, IngestConfig, Labeller, make_tasks
+from soundnet.shards.atomic import atomic_path
+from soundnet.shards.ledger import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _start_or_resume(layout: RunLayout, manifest: dict, resume: bool) -> None:
 def _ray_engine() -> Callable[..., None]:
     """``run_ray``, imported only for ``--engine ray``: Ray is an optional extra."""
     try:
-        from ingest.ray_engine import run_ray
+        from soundnet.ingest.ray_engine import run_ray
     except ModuleNotFoundError as exc:
         if exc.name != "ray":
             raise
@@ -112,7 +112,7 @@ def run_ingest(
     ``ray_teachers`` teacher actors (default: one per GPU). Weights files are checked here unless they are only
     needed on the machines of a cluster joined by address.
     """
-    from teachers import load_teacher, parse_specs
+    from soundnet.teachers import load_teacher, parse_specs
 
     start = time.perf_counter()
     if engine == "ray":  # before anything is written
@@ -139,7 +139,7 @@ def run_ingest(
             on_progress(int(d.clip is not None), int(d.clip is None))
 
         if engine == "local":
-            from ingest.local import run_local
+            from soundnet.ingest.local import run_local
 
             labeller = Labeller([load_teacher(spec, device) for spec in specs], batch_size=batch_frames)
             config = dataclasses.replace(config, short_side=labeller.short_side)

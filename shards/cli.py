@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from shards.ledger import RunLayout, read_table, to_table
-from shards.reader import iter_raw
-from shards.schema import decode_sample, validate_sample
+from soundnet.shards.ledger import RunLayout, read_table, to_table
+from soundnet.shards.reader import iter_raw
+from soundnet.shards.schema import decode_sample, validate_sample
 
 
 def _ledger(layout: RunLayout, kind: str) -> tuple[pa.Table, str]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.atomic import atomic_path
+from soundnet.shards.atomic import atomic_path
 
 Kind = Literal["index", "failures"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import braceexpand
 from webdataset import tariterators
 
-from shards.schema import Sample, decode_sample
+from soundnet.shards.schema import Sample, decode_sample
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 22050
-"""Audio rate of every ``audio.npy`` member, in Hz."""
+from soundnet.shards.contract import SAMPLE_RATE
 
 AUDIO_MEMBER = "audio.npy"
 META_MEMBER = "json"

@@ -10,8 +10,8 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from shards.atomic import atomic_path
-from shards.schema import Sample, encode_sample, validate_sample
+from soundnet.shards.atomic import atomic_path
+from soundnet.shards.schema import Sample, encode_sample, validate_sample
 
 
 class ShardWriter:

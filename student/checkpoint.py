@@ -1,8 +1,9 @@
 """Checkpoint format shared by training, weight import and evaluation.
 
 A checkpoint is a plain dict saved with ``torch.save`` that loads with ``torch.load(..., weights_only=True)``:
-``{"format": "soundnet-checkpoint", "version": 1, "config": {...}, "model": state_dict, ...}``; training adds
-``optimizer``, ``step`` and ``rng`` entries.
+``{"format": "soundnet-checkpoint", "version": 2, "config": {...}, "model": state_dict, ...}``; training adds
+``optimizer``, ``step`` and ``rng`` entries. Version 2 added the input convention to the config (``sample_rate``,
+``input_scale``); a version 1 checkpoint has the released model's convention (22050 Hz, x256), the defaults.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 
 import torch
 
-from shards.atomic import atomic_path
-from student.model import ModelConfig, SoundNet
+from soundnet.shards.atomic import atomic_path
+from soundnet.student.model import ModelConfig, SoundNet
 
 FORMAT = "soundnet-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def save_checkpoint(path: str | os.PathLike, model: SoundNet, **extra: Any) -> None:
@@ -43,6 +45,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file (import released weights with `student import-soundnet`)")
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{path} is {FORMAT} version {payload.get('version')!r}; this release reads {READABLE_VERSIONS}"
+        )
     return payload
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from student.loss import KL_NORMS
-from student.model import ARCHITECTURES
-from student.train import NonFiniteLoss, TrainConfig, train
+from soundnet.student.loss import KL_NORMS
+from soundnet.student.model import ARCHITECTURES
+from soundnet.student.train import NonFiniteLoss, TrainConfig, train
 
 
 @click.group()
@@ -23,8 +23,8 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
 def import_soundnet(npz: str, out: Path) -> None:
     """Convert the released SoundNet8 weights (soundnet8.npz) into a checkpoint, checking every tensor's shape."""
-    from student.checkpoint import save_checkpoint
-    from student.soundnet_import import import_soundnet8
+    from soundnet.student.checkpoint import save_checkpoint
+    from soundnet.student.soundnet_import import import_soundnet8
 
     try:
         model = import_soundnet8(npz)

@@ -22,9 +22,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from shards.reader import tar_samples
-from shards.schema import SAMPLE_RATE, Sample, decode_sample
-from student.model import INPUT_SCALE
+from soundnet.shards.contract import AUDIO_SCALE, SAMPLE_RATE
+from soundnet.shards.reader import tar_samples
+from soundnet.shards.schema import Sample, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +246,11 @@ class HeldOut:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Network input ``[B, 1, T]`` (float, x INPUT_SCALE) and teacher log-probs ``[B, C, steps]`` on ``device``.
+    """Network input ``[B, 1, T]`` (waveform in [-1, 1]; the model applies its own input scale) and teacher
+    log-probs ``[B, C, steps]`` on ``device``.
 
     Audio travels as int16 and is converted on the device: half the bytes of float32 over the bus.
     """
-    x = batch["audio"].to(device, non_blocking=True).unsqueeze(1).float() * (INPUT_SCALE / 32768.0)
+    x = batch["audio"].to(device, non_blocking=True).unsqueeze(1).float() / AUDIO_SCALE
     targets = {name: t.to(device, non_blocking=True).float().transpose(1, 2) for name, t in batch["targets"].items()}
     return x, targets

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SAMPLE_RATE = 22050
-INPUT_SCALE = 256.0  # network input = waveform in [-1, 1] x 256 (see DESIGN.md)
+from soundnet.shards.contract import SAMPLE_RATE
+
+INPUT_SCALE = 256.0
+"""The released model's input convention: it saw waveforms in [-1, 1] times 256. The model applies it itself."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class ModelConfig:
     arch: str = "soundnet8"
     heads: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HEADS))
     bn_eps: float = 1e-5
+    sample_rate: int = SAMPLE_RATE  # the rate its input must have
+    input_scale: float = INPUT_SCALE  # applied inside ``features``: callers pass waveforms in [-1, 1]
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -90,7 +94,8 @@ def _out_len(n: int, kernel: int, stride: int, padding: int) -> int:
 class SoundNet(nn.Module):
     """A SoundNet of any registered architecture.
 
-    ``forward(x)`` takes ``[B, 1, T]`` (or ``[B, T]``) network-scale waveforms and returns the heads' logits
+    ``forward(x)`` takes ``[B, 1, T]`` (or ``[B, T]``) waveforms in [-1, 1] at ``config.sample_rate`` (the model
+    applies its own ``config.input_scale``) and returns the heads' logits
     ``{teacher: [B, C, steps]}``; ``features(x, layers)`` returns any named intermediate outputs and stops at the
     deepest one asked for.
     """
@@ -139,17 +144,17 @@ class SoundNet(nn.Module):
         n = num_samples
         for spec in self._blocks:
             n = _out_len(n, spec.kernel, spec.stride, spec.padding)
-            if spec.name == layer:
+            if spec.name == layer or n < 1:  # an empty stage stops the network: padding cannot revive it
                 return n
             if spec.pool:
-                n = n // spec.pool[1] if n > 0 else n
-                if spec.pool[0] == layer:
+                n = n // spec.pool[1]
+                if spec.pool[0] == layer or n < 1:
                     return n
         return _out_len(n, self._head.kernel, self._head.stride, self._head.padding)
 
     def min_input_samples(self, layer: str) -> int:
         """The shortest input (in samples) for which ``layer`` has at least one output step."""
-        lo, hi = 1, SAMPLE_RATE
+        lo, hi = 1, self.config.sample_rate
         while self.output_length(layer, hi) < 1:
             hi *= 2
         while lo < hi:
@@ -166,10 +171,10 @@ class SoundNet(nn.Module):
 
     def _check_length(self, layer: str, num_samples: int) -> None:
         if self.output_length(layer, num_samples) < 1:
-            need = self.min_input_samples(layer)
+            need, rate = self.min_input_samples(layer), self.config.sample_rate
             raise ValueError(
-                f"input of {num_samples} samples ({num_samples / SAMPLE_RATE:.2f} s) is too short for layer "
-                f"{layer!r}: it needs at least {need} samples ({need / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz)"
+                f"input of {num_samples} samples ({num_samples / rate:.2f} s) is too short for layer "
+                f"{layer!r}: it needs at least {need} samples ({need / rate:.2f} s at {rate} Hz)"
             )
 
     # ---- forward -------------------------------------------------------------------------------------------
@@ -185,6 +190,7 @@ class SoundNet(nn.Module):
             self._check_layer(layer)
             self._check_length(layer, x.shape[-1])
         last = max(order.index(layer) for layer in wanted)
+        x = x * self.config.input_scale
         out: dict[str, torch.Tensor] = {}
         for spec in self._blocks:
             x = self.blocks[spec.name](x)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from student.model import ModelConfig, SoundNet
+from soundnet.student.model import ModelConfig, SoundNet
 
 # npz head name -> our teacher name
 RELEASED_HEADS = {"conv8_objs": "imagenet", "conv8_scns": "places"}

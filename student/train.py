@@ -27,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from shards.atomic import atomic_path
-from shards.reader import expand_shards
-from student.checkpoint import read_checkpoint, save_checkpoint
-from student.data import CLIP_SAMPLES, SLOTS, HeldOut, discover_heads, make_loader, to_device
-from student.distributed import Dist, all_sum, gather_digests, init_distributed, shutdown
-from student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
-from student.model import ModelConfig, SoundNet, build_model
+from soundnet.shards.atomic import atomic_path
+from soundnet.shards.reader import expand_shards
+from soundnet.student.checkpoint import read_checkpoint, save_checkpoint
+from soundnet.student.data import CLIP_SAMPLES, SLOTS, HeldOut, discover_heads, make_loader, to_device
+from soundnet.student.distributed import Dist, all_sum, gather_digests, init_distributed, shutdown
+from soundnet.student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
+from soundnet.student.model import ModelConfig, SoundNet, build_model
 
 log = logging.getLogger(__name__)
 

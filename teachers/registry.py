@@ -27,9 +27,9 @@ import torchvision.models
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from teachers.efficientnet_lite import efficientnet_lite0
-from teachers.preprocess import Preprocessing
-from teachers.squeezenet_places import squeezenet_bn_places365
+from soundnet.teachers.efficientnet_lite import efficientnet_lite0
+from soundnet.teachers.preprocess import Preprocessing
+from soundnet.teachers.squeezenet_places import squeezenet_bn_places365
 
 CLASS_LISTS = {"imagenet": "imagenet_classes.txt", "places365": "places365_classes.txt"}
 
@@ -100,7 +100,7 @@ def check_arch(arch: str) -> None:
 @functools.cache
 def class_names(source: str) -> tuple[str, ...]:
     """A class list shipped with the package, in output order."""
-    text = resources.files("teachers").joinpath("classes", CLASS_LISTS[source]).read_text(encoding="utf-8")
+    text = resources.files("soundnet.teachers").joinpath("classes", CLASS_LISTS[source]).read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from shards.schema import TEACHER_NAME_RE
-from teachers.preprocess import Frames, Preprocessing, as_frame_list
-from teachers.registry import LoadedModel, build, check_arch, resolve_weights
+from soundnet.shards.schema import TEACHER_NAME_RE
+from soundnet.teachers.preprocess import Frames, Preprocessing, as_frame_list
+from soundnet.teachers.registry import LoadedModel, build, check_arch, resolve_weights
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ def esc50_dir() -> Path:
 @pytest.fixture(scope="session")
 def soundnet8_checkpoint(tmp_path_factory, soundnet8_npz) -> Path:
     """The released weights imported once per test session."""
-    from student.checkpoint import save_checkpoint
-    from student.soundnet_import import import_soundnet8
+    from soundnet.student.checkpoint import save_checkpoint
+    from soundnet.student.soundnet_import import import_soundnet8
 
     path = tmp_path_factory.mktemp("weights") / "soundnet8.ckpt"
     save_checkpoint(path, import_soundnet8(soundnet8_npz))

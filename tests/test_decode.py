@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from av.video.reformatter import VideoReformatter
 
-from ingest.audio import SAMPLE_RATE, read_audio
-from ingest.decode import decode_clip
-from ingest.frames import frame_to_rgb, sample_frames, slot_times, video_duration_s, video_start_s
-from ingest.media import DecodeError, open_media
+from soundnet.audio import SAMPLE_RATE, read_audio
+from soundnet.ingest.decode import decode_clip
+from soundnet.ingest.frames import frame_to_rgb, sample_frames, slot_times, video_duration_s, video_start_s
+from soundnet.media import DecodeError, open_media
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason=f"shared test videos not found at {VIDEOS}")

@@ -10,12 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evaluate.cli import main as evaluate_cli
-from evaluate.datasets import DatasetError, load_dataset
-from evaluate.features import fixed_length, load_waveforms, window_features
-from evaluate.protocol import SVMConfig, _fit, clip_scores, run_protocol
-from student.checkpoint import load_checkpoint
-from student.model import INPUT_SCALE
+from soundnet.evaluate.cli import main as evaluate_cli
+from soundnet.evaluate.datasets import DatasetError, load_dataset
+from soundnet.evaluate.features import fixed_length, load_waveforms, window_features
+from soundnet.evaluate.protocol import SVMConfig, _fit, clip_scores, run_protocol
+from soundnet.student.checkpoint import load_checkpoint
 
 ROOSTER, HELICOPTER, DOG = "1-26806-A-1", "1-172649-A-40", "1-100032-A-0"
 
@@ -76,7 +75,7 @@ def test_windows_are_flattened_pool5_steps(esc50_dir, soundnet8_checkpoint) -> N
     feats = window_features(model, waves, "pool5", batch_size=1)
     assert feats.shape == (2, 25, 768)
     with torch.inference_mode():
-        pool5 = model.features(torch.from_numpy(waves[1:]) * INPUT_SCALE, "pool5")["pool5"][0].numpy()
+        pool5 = model.features(torch.from_numpy(waves[1:]), "pool5")["pool5"][0].numpy()
     for w in (0, 7, 24):
         np.testing.assert_allclose(feats[1, w], pool5[:, w : w + 3].reshape(-1), rtol=1e-5, atol=1e-5)
     conv8 = window_features(model, waves, "conv8_places")  # too short for a 1 s window: the whole clip

@@ -7,11 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ingest.audio import read_audio
-from student.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from student.cli import main as student_cli
-from student.model import INPUT_SCALE
-from student.soundnet_import import import_soundnet8
+from soundnet.audio import read_audio
+from soundnet.student.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from soundnet.student.cli import main as student_cli
+from soundnet.student.soundnet_import import import_soundnet8
 from tests.conftest import shared_path
 
 
@@ -58,7 +57,7 @@ def test_released_weights_hear_real_sounds(released) -> None:
     }
     for name, scenes in expected.items():
         audio = read_audio(videos / name).as_float()
-        x = torch.from_numpy(np.resize(audio, 20 * 22050))[None, None] * INPUT_SCALE
+        x = torch.from_numpy(np.resize(audio, 20 * 22050))[None, None]
         with torch.inference_mode():
             probs = released(x)["places"].softmax(dim=1).mean(dim=(0, 2))
         top = {places[i] for i in probs.topk(3).indices}

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from ingest.decode import decode_clip
-from ingest.inputs import read_video_list
-from shards.reader import iter_samples
+from soundnet.ingest.decode import decode_clip
+from soundnet.ingest.inputs import read_video_list
+from soundnet.shards.reader import iter_samples
 from tests.conftest import shared_path
 
 NO_AUDIO = {
@@ -42,7 +42,7 @@ def teacher_args() -> list[str]:
 
 def ingest(*args: str) -> subprocess.CompletedProcess:
     """`ingest run` in a fresh process, as a user runs it."""
-    cmd = [sys.executable, "-m", "ingest", "run", *args, *teacher_args()]
+    cmd = [sys.executable, "-m", "soundnet.ingest", "run", *args, *teacher_args()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -87,13 +87,13 @@ def test_every_input_accounted_for(real_run) -> None:
     assert {Path(r["source"]).name for r in failures} == NO_AUDIO
     assert {(r["stage"], r["reason"]) for r in failures} == {("audio", "no_audio")}
     assert len(list(out.glob("shard-*.tar"))) == 3  # 16 inputs / 6 per shard
-    result = CliRunner().invoke(__import__("shards.cli").cli.main, ["verify", str(out)])
+    result = CliRunner().invoke(__import__("soundnet.shards.cli", fromlist=["main"]).main, ["verify", str(out)])
     assert result.exit_code == 0, result.output
 
 
 def test_samples_hold_what_the_teachers_say(real_run) -> None:
     """Stored posteriors equal the teacher run directly on the decoded frame (within float16 rounding)."""
-    from teachers import load_teacher
+    from soundnet.teachers import load_teacher
 
     out, _ = real_run
     spec = dict(a.split("=", 1) for a in teacher_args()[1::2])
@@ -165,7 +165,7 @@ def test_kill_and_resume(tmp_path) -> None:
     listing = video_list(tmp_path, sources)
     out = tmp_path / "out"
     args = ["--videos", str(listing), "--out", str(out), "--keep-silent", "--workers", "1", "--samples-per-shard", "2"]
-    cmd = [sys.executable, "-m", "ingest", "run", *args, *teacher_args()]
+    cmd = [sys.executable, "-m", "soundnet.ingest", "run", *args, *teacher_args()]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while len(list((out / "parts").glob("*.index.parquet"))) < 2 and job.poll() is None:

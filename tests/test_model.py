@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student.model import SAMPLE_RATE, ModelConfig, SoundNet, build_model
+from soundnet.student.model import SAMPLE_RATE, ModelConfig, SoundNet, build_model
 
 # From the reference forward pass (../shared/data/soundnet8/README.md); None = too short for that layer.
 SOUNDNET8_LENGTHS = {

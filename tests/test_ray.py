@@ -63,14 +63,15 @@ def local_run(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 def ingest_cmd(listing: Path, out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "ingest", "run", "--videos", str(listing), "--out", str(out), "--keep-silent",
+    return [sys.executable, "-m", "soundnet.ingest", "run", "--videos", str(listing), "--out", str(out),
+            "--keep-silent",
             "--workers", "2", "--samples-per-shard", str(SAMPLES_PER_SHARD), *teacher_args(), *args]  # fmt: skip
 
 
 def assert_same_samples(out: Path, reference: Path) -> None:
     """Same keys, ledgers, metadata and audio bytes; posteriors at most one float16 step apart (teacher batches
     differ between engines, so float32 results may round to neighbouring float16 values)."""
-    from shards.reader import iter_samples
+    from soundnet.shards.reader import iter_samples
 
     assert ledgers(out) == ledgers(reference)
     ours, theirs = (
@@ -165,7 +166,7 @@ def test_killed_workers_are_retried(netns, local_run, tmp_path) -> None:
 def test_ray_options_need_the_ray_engine(tmp_path) -> None:
     from click.testing import CliRunner
 
-    from ingest.cli import main
+    from soundnet.ingest.cli import main
 
     result = CliRunner().invoke(
         main, ["run", "--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--ray-address", "auto"]
@@ -191,8 +192,8 @@ def fetch_from_a_crashing_decoder() -> dict[str, str]:
     """What the Ray engine records for an input whose decoding worker dies on every try."""
     import ray
 
-    from ingest.inputs import VideoInput
-    from ingest.ray_engine import DECODE_RETRIES, _fetch
+    from soundnet.ingest.inputs import VideoInput
+    from soundnet.ingest.ray_engine import DECODE_RETRIES, _fetch
 
     @ray.remote(num_cpus=1, max_retries=DECODE_RETRIES)  # as the engine's decode tasks
     def crash() -> None:

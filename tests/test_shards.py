@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from shards.cli import main
-from shards.ledger import RunLayout, merge_parts, read_table, write_table
-from shards.reader import expand_shards, iter_samples, tar_samples
-from shards.schema import (
+from soundnet.shards.cli import main
+from soundnet.shards.ledger import RunLayout, merge_parts, read_table, write_table
+from soundnet.shards.reader import expand_shards, iter_samples, tar_samples
+from soundnet.shards.schema import (
     SAMPLE_RATE,
     Sample,
     decode_sample,
@@ -23,7 +23,7 @@ from shards.schema import (
     make_key,
     validate_sample,
 )
-from shards.writer import ShardWriter
+from soundnet.shards.writer import ShardWriter
 
 CLASSES = {"imagenet": 1000, "places": 365}
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from shards.schema import SAMPLE_RATE, Sample, encode_sample
-from shards.writer import ShardWriter
-from student.data import (
+from soundnet.shards.schema import SAMPLE_RATE, Sample, encode_sample
+from soundnet.shards.writer import ShardWriter
+from soundnet.student.data import (
     CLIP_SAMPLES,
     SLOT_SAMPLES,
     SLOTS,

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torchvision
 
-from shards.schema import TEACHER_META_KEYS
-from teachers import class_names, load_teacher, parse_spec, parse_specs
-from teachers.efficientnet_lite import efficientnet_lite0
-from teachers.squeezenet_places import squeezenet_bn_places365
+from soundnet.shards.schema import TEACHER_META_KEYS
+from soundnet.teachers import class_names, load_teacher, parse_spec, parse_specs
+from soundnet.teachers.efficientnet_lite import efficientnet_lite0
+from soundnet.teachers.squeezenet_places import squeezenet_bn_places365
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EFFICIENTNET = DATA / "teachers" / "efficientnet_lite0_imagenet.pth"

@@ -12,24 +12,25 @@ import numpy as np
 import pytest
 import torch
 
-from shards.reader import iter_samples
-from student.checkpoint import load_checkpoint, read_checkpoint
-from student.distributed import weights_digest
-from student.loss import distill_loss, top1_agreement
-from student.train import NonFiniteLoss, TrainConfig, train
+from soundnet.shards.reader import iter_samples
+from soundnet.student.checkpoint import load_checkpoint, read_checkpoint
+from soundnet.student.distributed import weights_digest
+from soundnet.student.loss import distill_loss, top1_agreement
+from soundnet.student.train import NonFiniteLoss, TrainConfig, train
 from tests.conftest import shared_path
 from tests.test_ingest import teacher_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the console scripts of this environment: student, evaluate
 SMALL = ("--batch-size", "2", "--workers", "1", "--shuffle", "8")
-VISION_AND_INGEST = ("torchvision", "av", "teachers", "ingest")
+VISION_AND_INGEST = ("torchvision", "av", "soundnet.teachers", "soundnet.ingest")
+NOT_IN_STAGE_TWO = tuple(f"{name}." for name in VISION_AND_INGEST)
 
 
 def make_real_shards(out: Path) -> Path:
     """The shards `ingest run --keep-silent` makes from the 16 real videos with the two real teachers: 13 samples
     in 4 shards (the three videos without sound are failures)."""
-    cmd = [sys.executable, "-m", "ingest", "run", "--videos", str(shared_path("videos")), "--out", str(out),
+    cmd = [sys.executable, "-m", "soundnet.ingest", "run", "--videos", str(shared_path("videos")), "--out", str(out),
            "--keep-silent", "--samples-per-shard", "4", "--workers", "2", *teacher_args()]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -193,7 +194,7 @@ def test_run_writes_metrics_and_checkpoints_resumes_and_evaluates(real_shards: P
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     real_shards: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import student.train
+    from soundnet.student import train as train_module
 
     calls = 0
 
@@ -203,7 +204,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         loss, terms = distill_loss(*args, **kwargs)
         return (loss * float("nan") if calls >= 4 else loss), terms
 
-    monkeypatch.setattr(student.train, "distill_loss", poisoned)
+    monkeypatch.setattr(train_module, "distill_loss", poisoned)
     out = tmp_path / "run"
     config = TrainConfig(
         shards=[str(real_shards)], out=str(out), steps=6, batch_size=2, workers=0, shuffle=8, checkpoint_every=2,
@@ -231,9 +232,9 @@ def test_training_imports_no_vision_or_ingest_code(real_shards: Path, tmp_path: 
     args = ["train", "--shards", str(real_shards), "--out", str(tmp_path / "run"), "--steps", "2", *SMALL]
     code = (
         "import json, sys\n"
-        "from student.cli import main\n"
+        "from soundnet.student.cli import main\n"
         f"main({args!r}, standalone_mode=False)\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {VISION_AND_INGEST!r})))\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if (m + '.').startswith({NOT_IN_STAGE_TWO!r}))))\n"
     )
     result = run(sys.executable, "-c", code)
     assert json.loads(result.stdout.splitlines()[-1]) == []

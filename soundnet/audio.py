@@ -1,4 +1,5 @@
-"""Audio decoding with PyAV: downmix to mono, resample to 22050 Hz (``av.AudioResampler``, libswresample).
+"""Audio decoding with PyAV, for every stage that reads sound (ingest's videos, the evaluator's and the feature
+API's audio files): downmix to mono, resample to 22050 Hz (``av.AudioResampler``, libswresample).
 
 libswresample with its default settings is what the ``ffmpeg`` command line uses for ``-ac 1 -ar 22050``, so
 the samples equal that command's output (bit for bit on the shared test videos).
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from ingest.media import DecodeError, decode_errors, decoding_only, open_media
-
-SAMPLE_RATE = 22050
+from soundnet.media import DecodeError, decode_errors, decoding_only, open_media
+from soundnet.shards.contract import AUDIO_SCALE, SAMPLE_RATE
 
 
 @dataclass
@@ -30,8 +30,8 @@ class DecodedAudio:
         return len(self.samples) / SAMPLE_RATE
 
     def as_float(self) -> np.ndarray:
-        """Samples in [-1, 1) as float32 (int16 / 32768, the shard convention)."""
-        return self.samples.astype(np.float32) / 32768.0
+        """Samples in [-1, 1) as float32 (int16 / AUDIO_SCALE, the shard convention)."""
+        return self.samples.astype(np.float32) / AUDIO_SCALE
 
 
 def decode_audio(
