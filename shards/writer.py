@@ -11,7 +11,7 @@ from typing import Any
 from webdataset import TarWriter
 
 from soundnet.shards.atomic import atomic_path
-from soundnet.shards.schema import Sample, encode_sample, validate_sample
+from soundnet.shards.schema import Sample, encode_sample, member_digests, validate_sample
 
 
 class ShardWriter:
@@ -20,7 +20,8 @@ class ShardWriter:
     Samples go to a hidden temporary file beside ``path``; it is renamed to ``path`` on a clean exit and
     deleted if the block raises, so a shard that exists is always complete. Every sample is validated before
     it is written, so a shard never holds a sample the student would choke on. ``index_rows`` holds the ledger
-    rows for the samples written, ready for ``RunLayout.write_parts``.
+    rows for the samples written, ready for ``RunLayout.write_parts``, each with the sha256 of every member as
+    written (``shards verify`` recomputes them from the tar).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -60,7 +61,8 @@ class ShardWriter:
             problems.append(f"key {sample.key!r} already written to this shard")
         if problems:
             raise ValueError(f"sample {sample.key!r} not written to {self.path.name}: " + "; ".join(problems))
-        size = self._tar.write(encode_sample(sample))
+        raw = encode_sample(sample)
+        size = self._tar.write(raw)
         self._keys.add(sample.key)
         self.count += 1
         self.bytes += size
@@ -73,6 +75,7 @@ class ShardWriter:
                 "duration_s": float(sample.meta["duration_s"]),
                 "frames": sample.frames,
                 "audio_seconds": sample.audio_seconds,
+                "sha256": member_digests(raw),
             }
         )
         return size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections.abc import Callable
@@ -263,6 +264,15 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert writer.audio_seconds == pytest.approx(sum(s.audio_seconds for s in samples))
     assert 0 < writer.bytes <= (tmp_path / "shard-000000.tar").stat().st_size
     assert [r["key"] for r in writer.index_rows] == [s.key for s in samples]
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        written = {  # the digest of each member's bytes as they lie in the tar, computed here independently
+            name.split(".", 1)[1]: hashlib.sha256(tar.extractfile(name).read()).hexdigest()
+            for name in names
+            if name.startswith(samples[1].key + ".")
+        }
+    assert f"{samples[0].key}.audio.npy" in names and f"{samples[0].key}.places.npy" in names
+    assert sorted(written) == ["audio.npy", "imagenet.npy", "json", "places.npy"]
     assert writer.index_rows[1] == {
         "key": samples[1].key,
         "shard": "shard-000000.tar",
@@ -270,10 +280,8 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
         "duration_s": 20.0,
         "frames": 2,
         "audio_seconds": 1.5,
+        "sha256": written,
     }
-    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
-        names = tar.getnames()
-    assert f"{samples[0].key}.audio.npy" in names and f"{samples[0].key}.places.npy" in names
 
     read = list(iter_samples(tmp_path / "shard-000000.tar"))
     assert len(read) == len(samples)
@@ -373,11 +381,12 @@ def test_ledger_round_trip_zero_and_many_rows(tmp_path: Path) -> None:
             "duration_s": i / 3,
             "frames": i % 4 + 1,
             "audio_seconds": 20.0,
+            "sha256": {"audio.npy": f"{i:064x}", "json": f"{i + 1:064x}"},
         }
         for i in range(500)
     ]
     table = read_table(write_table(tmp_path / "index.parquet", index_rows, "index"), "index")
-    assert table.to_pylist() == index_rows
+    assert table.to_pylist(maps_as_pydicts="strict") == index_rows
     assert str(table.schema.field("frames").type) == "int32"
     failures = [failure_row(f"/v/{i}.mp4", reason) for i, reason in enumerate(["no_audio", "silent", "not_found"])]
     assert read_table(write_table(tmp_path / "f.parquet", failures, "failures"), "failures").to_pylist() == failures
