@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,18 @@ import pyarrow.compute as pc
 
 from soundnet.shards.ledger import RunLayout
 from soundnet.shards.schema import decode_sample
-from soundnet.shards.verify import run_ledger, shard_samples, verify_run
+from soundnet.shards.verify import not_a_run_message, run_ledger, shard_samples, verify_run
 
 
 def _first_teachers(paths: list[Path]) -> dict[str, Any] | None:
     """The teachers named by the first readable sample (a damaged shard is passed over: ``verify`` names it)."""
     for path in paths:
         try:
-            with contextlib.closing(shard_samples(path)) as samples:
+            with contextlib.closing(shard_samples(path, [])) as samples:
                 raw = next(samples, None)
             if raw is not None:
                 return decode_sample(raw).meta.get("teachers", {})
-        except (tarfile.TarError, ValueError, OSError, EOFError):
+        except (ValueError, OSError):
             continue
     return None
 
@@ -45,6 +44,8 @@ def main() -> None:
 def info(run_dir: Path) -> None:
     """Summarise a run: samples, shards, hours of audio, frames per clip, teachers, failures by reason."""
     layout = RunLayout(run_dir)
+    if not_a_run := not_a_run_message(layout):
+        raise click.ClickException(not_a_run)
     try:
         index, has_digests, index_from = run_ledger(layout, "index")
         failures, _, failures_from = run_ledger(layout, "failures")

@@ -59,20 +59,37 @@ def run_ledger(layout: RunLayout, kind: Kind) -> tuple[pa.Table, bool, str]:
     return table, all(has for _, has in tables), f"{len(parts)} parts (run not finalized)"
 
 
-def shard_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard exactly as the training reader groups them, raising at the first damage."""
+def not_a_run_message(layout: RunLayout) -> str | None:
+    """Why ``layout.out_dir`` is not a run folder at all (a typo, the wrong folder), or None."""
+    if layout.shard_paths() or layout.index_path.exists() or layout.parts_dir.is_dir():
+        return None
+    return f"{layout.out_dir} holds no run: no shard-*.tar, index.parquet or parts/ (give the --out of `ingest run`)"
+
+
+def shard_samples(path: Path, damage: list[BaseException]) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard, grouped as the training reader groups them, up to the first damaged byte.
+
+    Reading stops at the first damage, which is appended to ``damage``; every sample before it is still
+    yielded (the last one may lack members cut off by the damage: the schema and digest checks name that).
+    """
+
+    def files() -> Iterator[dict[str, Any]]:
+        try:
+            yield from tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            damage.append(exn)
+
     with open(path, "rb") as stream:
-        files = tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
-        yield from tariterators.group_by_keys(files)
+        yield from tariterators.group_by_keys(files())
 
 
 def _damage(path: Path, exn: BaseException, read: int) -> str:
     reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__  # wds appends " @ <stream>"
-    if isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError):
+    if isinstance(exn, OSError):
         return f"{path.name}: cannot be read ({exn})"
     if read == 0:
         return f"{path.name}: not a readable tar file ({reason}); no sample could be read from it"
-    return f"{path.name}: damaged after {read} complete sample(s) ({reason}); the rest of the shard cannot be read"
+    return f"{path.name}: damaged after {read} sample(s) ({reason}); the rest of the shard cannot be read"
 
 
 def _digest_problems(where: str, recorded: dict[str, str] | None, raw: dict[str, Any]) -> list[str]:
@@ -136,8 +153,9 @@ def _read_shards(
     with tqdm(total=len(index_rows) or None, unit="sample", desc="verify", leave=False) as bar:
         for path in paths:
             read = 0
+            damage: list[BaseException] = []
             try:
-                for raw in shard_samples(path):
+                for raw in shard_samples(path, damage):
                     read += 1
                     bar.update()
                     key = raw["__key__"]
@@ -161,8 +179,9 @@ def _read_shards(
                         "frames": sample.frames,
                         "audio_seconds": sample.audio_seconds,
                     }
-            except (tarfile.TarError, ValueError, OSError, EOFError) as exn:
-                report.problems.append(_damage(path, exn, read))
+            except (ValueError, OSError) as exn:  # a member name twice in one sample; a folder named like a shard
+                damage.append(exn)
+            report.problems += [_damage(path, exn, read) for exn in damage]
             report.samples += read
     return found
 
@@ -205,10 +224,8 @@ def verify_run(run_dir: str | os.PathLike, digests: bool = True) -> Report:
     """Check the run in ``run_dir``; with ``digests`` also recompute every member's sha256 (``--quick`` skips it)."""
     layout = RunLayout(run_dir)
     report = Report()
-    if not layout.shard_paths() and not layout.index_path.exists() and not layout.parts_dir.is_dir():
-        report.problems.append(
-            f"{layout.out_dir} holds no run: no shard-*.tar, index.parquet or parts/ (give the --out of `ingest run`)"
-        )
+    if not_a_run := not_a_run_message(layout):
+        report.problems.append(not_a_run)
         return report
     report.problems += [
         f"leftover temporary {p.name} (run killed? an `ingest run --resume` sweeps it)"
