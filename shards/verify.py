@@ -20,7 +20,7 @@ from tqdm import tqdm
 from webdataset import tariterators
 
 from soundnet.shards.ledger import INDEX_SCHEMA, Kind, RunLayout, read_table, to_table
-from soundnet.shards.schema import decode_sample, member_digests, validate_sample
+from soundnet.shards.schema import META_MEMBER, decode_sample, member_digests, validate_sample
 
 DIGEST_COLUMN = "sha256"
 LEGACY_INDEX_SCHEMA = INDEX_SCHEMA.remove(INDEX_SCHEMA.get_field_index(DIGEST_COLUMN))
@@ -213,6 +213,22 @@ def _check_index(index_rows: list[dict[str, Any]], found: dict[str, ShardRow], l
     return problems
 
 
+def _identical_samples(index_rows: list[dict[str, Any]]) -> list[str]:
+    """Samples whose every member but the json (which names the source) is byte-identical: one video twice."""
+    groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
+    for row in index_rows:
+        content = tuple(sorted((m, d) for m, d in (row.get(DIGEST_COLUMN) or {}).items() if m != META_MEMBER))
+        if content:
+            groups.setdefault(content, []).append(row)
+    return [
+        "samples "
+        + ", ".join(f"{r['key']!r} ({r['source']})" for r in rows)
+        + " hold identical audio and teacher outputs: the same video listed under different names?"
+        for rows in groups.values()
+        if len(rows) > 1
+    ]
+
+
 def _check_failures(index_rows: list[dict[str, Any]], failure_rows: list[dict[str, Any]]) -> list[str]:
     """No input is both a sample and a failure, except a second listing recorded as a ``duplicate`` failure."""
     sampled = {row["source"] for row in index_rows}
@@ -242,6 +258,7 @@ def verify_run(run_dir: str | os.PathLike, digests: bool = True) -> Report:
     if not layout.shard_paths() and index_rows:
         report.problems.append("no shard-*.tar files in the run directory")
     found = _read_shards(layout, index_rows, digests and has_digests, report)
+    report.notes += _identical_samples(index_rows)
     report.problems += _check_index(index_rows, found, layout)
     report.problems += _check_failures(index_rows, failure_rows)
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -578,13 +579,17 @@ def real_clips() -> list[tuple[str, np.ndarray]]:
 
 
 def make_real_run(out: Path, clips: list[tuple[str, np.ndarray]]) -> tuple[RunLayout, list[Sample]]:
-    """Two shards of samples holding real decoded audio, finalized, with one failure row."""
+    """Two shards of samples holding real decoded audio, finalized, with one failure row.
+
+    The stand-in teacher outputs are a function of the video (its normalized path), as real ones would be.
+    """
     layout = RunLayout(out)
     samples = []
     for task, chunk in enumerate([clips[:2], clips[2:]]):
         with ShardWriter(layout.shard_path(task)) as writer:
-            for i, (source, audio) in enumerate(chunk):
-                sample = make_sample(source, seed=10 * task + i)
+            for source, audio in chunk:
+                video = os.path.normpath(source).encode()
+                sample = make_sample(source, seed=int(hashlib.sha1(video).hexdigest()[:8], 16))
                 sample.audio = audio
                 writer.write(sample)
                 samples.append(sample)
@@ -670,6 +675,16 @@ def test_verify_names_lost_and_added_members(tmp_path: Path, real_clips) -> None
     assert result.exit_code == 1
     assert f"sample '{samples[2].key}': member(s) 'imagenet.npy' written at ingest are missing" in result.output
     assert f"sample '{samples[3].key}': member(s) 'caption.txt' were not written at ingest" in result.output
+
+
+def test_verify_notes_the_same_video_under_two_names(tmp_path: Path, real_clips) -> None:
+    source, audio = real_clips[0]
+    twice = [(source, audio), (source.replace("/videos/", "/videos/./"), audio), *real_clips[1:]]
+    layout, samples = make_real_run(tmp_path / "run", twice)
+    result = CliRunner().invoke(main, ["verify", "--quick", str(layout.out_dir)])
+    assert result.exit_code == 0, result.output  # a note, not a failure: the run is what ingest was asked for
+    assert f"note: samples '{samples[0].key}' ({source}), '{samples[1].key}'" in result.stderr
+    assert "hold identical audio and teacher outputs" in result.stderr and samples[2].key not in result.stderr
 
 
 def test_verify_and_info_on_a_run_written_before_checksums(tmp_path: Path) -> None:
