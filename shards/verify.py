@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -81,6 +81,19 @@ def shard_samples(path: Path, damage: list[BaseException]) -> Iterator[dict[str,
 
     with open(path, "rb") as stream:
         yield from tariterators.group_by_keys(files())
+        stopped = stream.tell()
+        if not damage and _data_follows(stream):
+            reason = f"a bad or zeroed tar header ends the archive near byte {stopped}, yet data follows"
+            damage.append(tarfile.ReadError(reason))
+
+
+def _data_follows(stream: BinaryIO) -> bool:
+    """Whether anything but zero padding follows where tar reading stopped.
+
+    Python's tarfile ends an archive silently at an invalid or all-zero header after the first one, as if the
+    archive ended there: without this check a damaged header would hide the rest of the shard.
+    """
+    return any(chunk.strip(b"\0") for chunk in iter(lambda: stream.read(1 << 20), b""))
 
 
 def _damage(path: Path, exn: BaseException, read: int) -> str:

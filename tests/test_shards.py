@@ -724,11 +724,15 @@ def test_verify_accepts_recorded_duplicates_only(tmp_path: Path) -> None:
 
 
 def test_verify_names_damaged_missing_and_non_tar_shards(tmp_path: Path) -> None:
-    layout, samples = make_run(tmp_path / "run", tasks=4, per_task=3)
+    layout, samples = make_run(tmp_path / "run", tasks=6, per_task=3)
     with tarfile.open(layout.shard_path(0)) as tar:
         cut = tar.getmember(f"{samples[2].key}.audio.npy")  # the first member of the third sample
     data = layout.shard_path(0).read_bytes()
     layout.shard_path(0).write_bytes(data[: cut.offset_data + 100])
+    with tarfile.open(layout.shard_path(4)) as tar:
+        header = tar.getmember(f"{samples[13].key}.audio.npy").offset
+    overwrite(layout.shard_path(4), header, bytes(512))  # tarfile alone would take this for the end of the archive
+    layout.shard_path(5).write_bytes(b"")
     layout.shard_path(1).write_bytes(np.random.default_rng(0).bytes(30000))  # not a tar at all
     layout.shard_path(2).unlink()
     layout.shard_path(3).unlink()
@@ -742,6 +746,9 @@ def test_verify_names_damaged_missing_and_non_tar_shards(tmp_path: Path) -> None
     assert "shard-000001.tar: not a readable tar file (invalid header); no sample could be read" in out
     assert "shard-000002.tar is missing: the index lists 3 sample(s) in it" in out
     assert "shard-000003.tar: cannot be read" in out and "Is a directory" in out
+    assert "shard-000004.tar: damaged after 1 sample(s) (a bad or zeroed tar header ends the archive near byte" in out
+    assert f"index row '{samples[13].key}' (shard shard-000004.tar) is in no shard" in out
+    assert "shard-000005.tar: not a readable tar file (empty file)" in out
     assert "Traceback" not in out
 
 
