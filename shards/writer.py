@@ -37,8 +37,10 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(self.path))
-            stream = stack.enter_context(open(tmp, "wb"))
-            self._tar = stack.enter_context(TarWriter(stream, encoder=False))
+            # Unbuffered: tarfile buffers whole records itself, and after a failed write (a full disk) closing the
+            # file must not try to flush more bytes and raise a second error on top of the first.
+            stream = stack.enter_context(open(tmp, "wb", buffering=0))
+            self._tar = TarWriter(stream, encoder=False)
             self._stack = stack.pop_all()
         return self
 
@@ -48,9 +50,15 @@ class ShardWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        stack, self._stack, self._tar = self._stack, None, None
-        assert stack is not None
-        return stack.__exit__(exc_type, exc, tb)
+        stack, tar, self._stack, self._tar = self._stack, self._tar, None, None
+        assert stack is not None and tar is not None
+        if exc_type is not None:  # the partial shard is deleted; close tarfile quietly (on a full disk it fails again)
+            with contextlib.suppress(OSError):
+                tar.close()
+            return stack.__exit__(exc_type, exc, tb)
+        with stack:
+            tar.close()  # the end-of-archive blocks; if this fails the shard is deleted too
+        return False
 
     def write(self, sample: Sample) -> int:
         """Validate and append ``sample``; return the payload bytes written. ValueError lists any problems."""

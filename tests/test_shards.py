@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -352,6 +354,39 @@ def test_killed_write_leaves_nothing(tmp_path: Path) -> None:
         assert not (tmp_path / "shard-000000.tar").exists()
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+FULL_DISK_SCRIPT = """
+import errno, resource, signal, sys
+from pathlib import Path
+from tests.test_shards import make_sample
+from soundnet.shards.writer import ShardWriter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as ENOSPC would
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+try:
+    with ShardWriter(Path(sys.argv[1]) / "shard-000000.tar") as writer:
+        for i in range(10):
+            writer.write(make_sample(f"/v/{i}.mp4", seed=i, seconds=5.0))
+except OSError as exn:
+    chained = exn.__context__ or exn.__cause__
+    print(errno.errorcode[exn.errno], "chained" if chained else "alone", writer.count)
+"""
+
+
+def test_failed_write_raises_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """A full disk mid-shard: the write's own OSError, no second error from closing the tar, no partial file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(out)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    code, chained, written = result.stdout.split()
+    assert (code, chained) == ("EFBIG", "alone") and 0 < int(written) < 10
+    assert "Exception ignored" not in result.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_empty_shard_reads_as_no_samples(tmp_path: Path) -> None:
