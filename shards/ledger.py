@@ -29,6 +29,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("duration_s", pa.float64(), nullable=False),
         pa.field("frames", pa.int32(), nullable=False),
         pa.field("audio_seconds", pa.float64(), nullable=False),
+        pa.field("sha256", pa.map_(pa.string(), pa.string()), nullable=False),  # member -> digest at write time
     ]
 )
 FAILURE_SCHEMA = pa.schema(

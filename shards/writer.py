@@ -11,7 +11,7 @@ from typing import Any
 from webdataset import TarWriter
 
 from soundnet.shards.atomic import atomic_path
-from soundnet.shards.schema import Sample, encode_sample, validate_sample
+from soundnet.shards.schema import Sample, encode_sample, member_digests, validate_sample
 
 
 class ShardWriter:
@@ -20,7 +20,8 @@ class ShardWriter:
     Samples go to a hidden temporary file beside ``path``; it is renamed to ``path`` on a clean exit and
     deleted if the block raises, so a shard that exists is always complete. Every sample is validated before
     it is written, so a shard never holds a sample the student would choke on. ``index_rows`` holds the ledger
-    rows for the samples written, ready for ``RunLayout.write_parts``.
+    rows for the samples written, ready for ``RunLayout.write_parts``, each with the sha256 of every member as
+    written (``shards verify`` recomputes them from the tar).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -36,8 +37,10 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(self.path))
-            stream = stack.enter_context(open(tmp, "wb"))
-            self._tar = stack.enter_context(TarWriter(stream, encoder=False))
+            # Unbuffered: tarfile buffers whole records itself, and after a failed write (a full disk) closing the
+            # file must not try to flush more bytes and raise a second error on top of the first.
+            stream = stack.enter_context(open(tmp, "wb", buffering=0))
+            self._tar = TarWriter(stream, encoder=False)
             self._stack = stack.pop_all()
         return self
 
@@ -47,9 +50,15 @@ class ShardWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        stack, self._stack, self._tar = self._stack, None, None
-        assert stack is not None
-        return stack.__exit__(exc_type, exc, tb)
+        stack, tar, self._stack, self._tar = self._stack, self._tar, None, None
+        assert stack is not None and tar is not None
+        if exc_type is not None:  # the partial shard is deleted; close tarfile quietly (on a full disk it fails again)
+            with contextlib.suppress(OSError):
+                tar.close()
+            return stack.__exit__(exc_type, exc, tb)
+        with stack:
+            tar.close()  # the end-of-archive blocks; if this fails the shard is deleted too
+        return False
 
     def write(self, sample: Sample) -> int:
         """Validate and append ``sample``; return the payload bytes written. ValueError lists any problems."""
@@ -60,7 +69,8 @@ class ShardWriter:
             problems.append(f"key {sample.key!r} already written to this shard")
         if problems:
             raise ValueError(f"sample {sample.key!r} not written to {self.path.name}: " + "; ".join(problems))
-        size = self._tar.write(encode_sample(sample))
+        raw = encode_sample(sample)
+        size = self._tar.write(raw)
         self._keys.add(sample.key)
         self.count += 1
         self.bytes += size
@@ -73,6 +83,7 @@ class ShardWriter:
                 "duration_s": float(sample.meta["duration_s"]),
                 "frames": sample.frames,
                 "audio_seconds": sample.audio_seconds,
+                "sha256": member_digests(raw),
             }
         )
         return size

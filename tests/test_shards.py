@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from soundnet.audio import read_audio
 from soundnet.shards.cli import main
 from soundnet.shards.ledger import RunLayout, merge_parts, read_table, write_table
 from soundnet.shards.reader import expand_shards, iter_samples, tar_samples
@@ -24,6 +30,7 @@ from soundnet.shards.schema import (
     validate_sample,
 )
 from soundnet.shards.writer import ShardWriter
+from tests.conftest import shared_path
 
 CLASSES = {"imagenet": 1000, "places": 365}
 
@@ -219,11 +226,25 @@ def test_encode_decode_round_trip_and_ignores_unknown_members() -> None:
     assert_same(decode_sample(raw), sample)
 
 
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     ("member", "value", "expected"),
     [
         ("audio.npy", b"\x93NUMPY garbage", "member 'audio.npy' is not a readable .npy"),
         ("places.npy", b"", "member 'places.npy' is not a readable .npy"),
+        (
+            "audio.npy",
+            np.random.default_rng(0).bytes(4096),
+            r"'audio.npy' is not a readable .npy array \(its 4096 bytes",
+        ),
+        ("places.npy", _npy(np.zeros((4, 365), np.float16))[:-10], "header says float16 \\(4, 365\\): 2920 bytes"),
+        ("audio.npy", _npy(np.zeros(7, np.int16)) + b"tail", "found 18"),
+        ("audio.npy", _npy(np.zeros(7, np.int16)).replace(b"(7,)", b"(7,("), "bad header"),
         ("json", b"{not json", "member 'json' is not valid UTF-8 JSON"),
         ("json", b"\xff\xfe\xfa", "member 'json' is not valid"),
         ("json", b"[1, 2]", "expected an object"),
@@ -240,6 +261,7 @@ def test_decode_broken_member_is_clear_error(member: str, value: bytes | None, e
     with pytest.raises(ValueError, match=expected) as info:
         decode_sample(raw)
     assert raw["__key__"] in str(info.value)
+    assert "allow_pickle" not in str(info.value)  # numpy's advice: never the fix for a broken shard
 
 
 def test_decode_refuses_pickled_arrays() -> None:
@@ -247,8 +269,9 @@ def test_decode_refuses_pickled_arrays() -> None:
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     raw = encode_sample(make_sample("/v/a.mp4"))
     raw["audio.npy"] = buf.getvalue()
-    with pytest.raises(ValueError, match="audio.npy"):
+    with pytest.raises(ValueError, match="'audio.npy' is not a readable .npy array .it holds pickled") as info:
         decode_sample(raw)
+    assert "allow_pickle" not in str(info.value)
 
 
 # --- writer and reader ------------------------------------------------------------------------------------
@@ -263,6 +286,15 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert writer.audio_seconds == pytest.approx(sum(s.audio_seconds for s in samples))
     assert 0 < writer.bytes <= (tmp_path / "shard-000000.tar").stat().st_size
     assert [r["key"] for r in writer.index_rows] == [s.key for s in samples]
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        written = {  # the digest of each member's bytes as they lie in the tar, computed here independently
+            name.split(".", 1)[1]: hashlib.sha256(tar.extractfile(name).read()).hexdigest()
+            for name in names
+            if name.startswith(samples[1].key + ".")
+        }
+    assert f"{samples[0].key}.audio.npy" in names and f"{samples[0].key}.places.npy" in names
+    assert sorted(written) == ["audio.npy", "imagenet.npy", "json", "places.npy"]
     assert writer.index_rows[1] == {
         "key": samples[1].key,
         "shard": "shard-000000.tar",
@@ -270,10 +302,8 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
         "duration_s": 20.0,
         "frames": 2,
         "audio_seconds": 1.5,
+        "sha256": written,
     }
-    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
-        names = tar.getnames()
-    assert f"{samples[0].key}.audio.npy" in names and f"{samples[0].key}.places.npy" in names
 
     read = list(iter_samples(tmp_path / "shard-000000.tar"))
     assert len(read) == len(samples)
@@ -326,6 +356,39 @@ def test_killed_write_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+FULL_DISK_SCRIPT = """
+import errno, resource, signal, sys
+from pathlib import Path
+from tests.test_shards import make_sample
+from soundnet.shards.writer import ShardWriter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as ENOSPC would
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+try:
+    with ShardWriter(Path(sys.argv[1]) / "shard-000000.tar") as writer:
+        for i in range(10):
+            writer.write(make_sample(f"/v/{i}.mp4", seed=i, seconds=5.0))
+except OSError as exn:
+    chained = exn.__context__ or exn.__cause__
+    print(errno.errorcode[exn.errno], "chained" if chained else "alone", writer.count)
+"""
+
+
+def test_failed_write_raises_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """A full disk mid-shard: the write's own OSError, no second error from closing the tar, no partial file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(out)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    code, chained, written = result.stdout.split()
+    assert (code, chained) == ("EFBIG", "alone") and 0 < int(written) < 10
+    assert "Exception ignored" not in result.stderr
+    assert list(out.iterdir()) == []
+
+
 def test_empty_shard_reads_as_no_samples(tmp_path: Path) -> None:
     with ShardWriter(tmp_path / "s.tar"):
         pass
@@ -373,11 +436,12 @@ def test_ledger_round_trip_zero_and_many_rows(tmp_path: Path) -> None:
             "duration_s": i / 3,
             "frames": i % 4 + 1,
             "audio_seconds": 20.0,
+            "sha256": {"audio.npy": f"{i:064x}", "json": f"{i + 1:064x}"},
         }
         for i in range(500)
     ]
     table = read_table(write_table(tmp_path / "index.parquet", index_rows, "index"), "index")
-    assert table.to_pylist() == index_rows
+    assert table.to_pylist(maps_as_pydicts="strict") == index_rows
     assert str(table.schema.field("frames").type) == "int32"
     failures = [failure_row(f"/v/{i}.mp4", reason) for i, reason in enumerate(["no_audio", "silent", "not_found"])]
     assert read_table(write_table(tmp_path / "f.parquet", failures, "failures"), "failures").to_pylist() == failures
@@ -530,3 +594,229 @@ def test_student_style_webdataset_pipeline(tmp_path: Path) -> None:
     decoded = sorted(pipeline, key=lambda s: s.key)
     for got, want in zip(decoded, sorted(samples, key=lambda s: s.key), strict=True):
         assert_same(got, want)
+
+
+# --- integrity: digests recorded at write time, recomputed by verify --------------------------------------------
+
+REAL_VIDEOS = (
+    "imageio_cockatoo.mp4",
+    "moviepy_chaplin.mp4",
+    "pydub_creative_common.mp4",
+    "decord_flipping_a_pancake.mkv",
+)
+
+
+@pytest.fixture(scope="module")
+def real_clips() -> list[tuple[str, np.ndarray]]:
+    """(source, int16 audio) of real videos, decoded once: damage is planted in real sound, not in noise."""
+    paths = [shared_path("videos", name) for name in REAL_VIDEOS]
+    return [(str(path), read_audio(path, max_seconds=20.0).samples) for path in paths]
+
+
+def make_real_run(out: Path, clips: list[tuple[str, np.ndarray]]) -> tuple[RunLayout, list[Sample]]:
+    """Two shards of samples holding real decoded audio, finalized, with one failure row.
+
+    The stand-in teacher outputs are a function of the video (its normalized path), as real ones would be.
+    """
+    layout = RunLayout(out)
+    samples = []
+    for task, chunk in enumerate([clips[:2], clips[2:]]):
+        with ShardWriter(layout.shard_path(task)) as writer:
+            for source, audio in chunk:
+                video = os.path.normpath(source).encode()
+                sample = make_sample(source, seed=int(hashlib.sha1(video).hexdigest()[:8], 16))
+                sample.audio = audio
+                writer.write(sample)
+                samples.append(sample)
+        layout.write_parts(task, writer.index_rows, [failure_row(f"/videos/t{task}/broken.mkv")] if task else [])
+    layout.finalize()
+    return layout, samples
+
+
+def member_data(shard: Path, name: str) -> tuple[int, np.ndarray]:
+    """(file offset of the array data, the array) of a .npy member, to overwrite it in place."""
+    with tarfile.open(shard) as tar:
+        info = tar.getmember(name)
+        data = tar.extractfile(info).read()
+    stream = io.BytesIO(data)
+    assert np.lib.format.read_magic(stream) == (1, 0)  # what np.save writes for these arrays
+    np.lib.format.read_array_header_1_0(stream)
+    return info.offset_data + stream.tell(), np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def negate_audio(shard: Path, key: str) -> str:
+    offset, audio = member_data(shard, f"{key}.audio.npy")
+    overwrite(shard, offset, (-audio).astype(np.int16).tobytes())
+    return "audio.npy"
+
+
+def swap_posterior_columns(shard: Path, key: str) -> str:
+    offset, rows = member_data(shard, f"{key}.places.npy")
+    assert not np.array_equal(rows[:, 0], rows[:, 1])
+    overwrite(shard, offset, rows[:, [1, 0, *range(2, rows.shape[1])]].tobytes())
+    return "places.npy"
+
+
+def zero_block(shard: Path, key: str) -> str:
+    offset, audio = member_data(shard, f"{key}.audio.npy")
+    assert np.count_nonzero(audio[1000:3048]) > 1000  # real sound there, so zeros change it
+    overwrite(shard, offset + 2000, bytes(4096))
+    return "audio.npy"
+
+
+@pytest.mark.parametrize("tamper", [negate_audio, swap_posterior_columns, zero_block])
+def test_verify_names_samples_changed_after_writing(tmp_path: Path, real_clips, tamper) -> None:
+    layout, samples = make_real_run(tmp_path / "run", real_clips)
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 0, result.output
+    assert "OK: 2 shards, 4 samples" in result.output and "sha256 of 4 samples' members matched" in result.output
+
+    victims = [samples[1], samples[3]]  # one in each shard
+    members = [tamper(layout.shard_path(task), s.key) for task, s in enumerate(victims)]
+    # Still a readable tar of valid samples: the schema and ledgers alone cannot see the change...
+    assert CliRunner().invoke(main, ["verify", "--quick", str(layout.out_dir)]).exit_code == 0
+    assert list(iter_samples(layout.shard_path(0)))[1].audio.shape == samples[1].audio.shape
+    # ...the digests do, naming the shard, the sample and the member, and only those.
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 1
+    for task, (sample, member) in enumerate(zip(victims, members, strict=True)):
+        assert (
+            f"shard-{task:06d}.tar: sample '{sample.key}': member(s) '{member}' differ from the sha256" in result.output
+        )
+    assert "2 problem(s)" in result.output
+    assert samples[0].key not in result.output and samples[2].key not in result.output
+
+
+def test_verify_names_lost_and_added_members(tmp_path: Path, real_clips) -> None:
+    layout, samples = make_real_run(tmp_path / "run", real_clips)
+    shard = layout.shard_path(1)
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:  # rewritten: samples[2] loses a teacher, samples[3] gains a caption
+        for info, data in members:
+            if info.name != f"{samples[2].key}.imagenet.npy":
+                tar.addfile(info, io.BytesIO(data))
+            if info.name == f"{samples[3].key}.audio.npy":
+                extra = tarfile.TarInfo(f"{samples[3].key}.caption.txt")
+                extra.size = 5
+                tar.addfile(extra, io.BytesIO(b"hello"))
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 1
+    assert f"sample '{samples[2].key}': member(s) 'imagenet.npy' written at ingest are missing" in result.output
+    assert f"sample '{samples[3].key}': member(s) 'caption.txt' were not written at ingest" in result.output
+
+
+def test_verify_notes_the_same_video_under_two_names(tmp_path: Path, real_clips) -> None:
+    source, audio = real_clips[0]
+    twice = [(source, audio), (source.replace("/videos/", "/videos/./"), audio), *real_clips[1:]]
+    layout, samples = make_real_run(tmp_path / "run", twice)
+    result = CliRunner().invoke(main, ["verify", "--quick", str(layout.out_dir)])
+    assert result.exit_code == 0, result.output  # a note, not a failure: the run is what ingest was asked for
+    assert f"note: samples '{samples[0].key}' ({source}), '{samples[1].key}'" in result.stderr
+    assert "hold identical audio and teacher outputs" in result.stderr and samples[2].key not in result.stderr
+
+
+def test_verify_and_info_on_a_run_written_before_checksums(tmp_path: Path) -> None:
+    layout, samples = make_run(tmp_path / "run")
+    legacy = pq.read_table(layout.index_path).drop_columns(["sha256"])
+    pq.write_table(legacy, layout.index_path)
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "index.parquet has no sha256 column (run written before checksums)" in result.stderr
+    assert "OK: 2 shards, 6 samples" in result.stdout and "sha256" not in result.stdout
+    result = CliRunner().invoke(main, ["info", str(layout.out_dir)])
+    assert result.exit_code == 0, result.output
+    assert any(line.split()[:2] == ["digests", "absent"] for line in result.output.splitlines())
+    # structure is still checked without digests
+    legacy_rows = legacy.to_pylist()
+    legacy_rows[0]["frames"] = 2
+    pq.write_table(pa.Table.from_pylist(legacy_rows, schema=legacy.schema), layout.index_path)
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 1 and f"index row '{samples[0].key}': frames is 2" in result.output
+
+
+def test_verify_accepts_recorded_duplicates_only(tmp_path: Path) -> None:
+    layout, samples = make_run(tmp_path / "run")
+    listed_twice = samples[1].meta["source"]
+    failures = read_table(layout.failures_path, "failures").to_pylist()
+    duplicate = {**failure_row(listed_twice, "duplicate"), "stage": "input", "message": "listed more than once"}
+    write_table(
+        layout.failures_path, [*failures, duplicate, {**duplicate, "source": "/videos/t0/../t0/clip1.mp4"}], "failures"
+    )
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 0, result.output
+    # any other reason beside a sample is still double accounting
+    write_table(layout.failures_path, [*failures, duplicate, failure_row(listed_twice, "too_short")], "failures")
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 1
+    assert f"source '{listed_twice}' is both in the index and in failures" in result.output
+
+
+def test_verify_names_damaged_missing_and_non_tar_shards(tmp_path: Path) -> None:
+    layout, samples = make_run(tmp_path / "run", tasks=6, per_task=3)
+    with tarfile.open(layout.shard_path(0)) as tar:
+        cut = tar.getmember(f"{samples[2].key}.audio.npy")  # the first member of the third sample
+    data = layout.shard_path(0).read_bytes()
+    layout.shard_path(0).write_bytes(data[: cut.offset_data + 100])
+    with tarfile.open(layout.shard_path(4)) as tar:
+        header = tar.getmember(f"{samples[13].key}.audio.npy").offset
+    overwrite(layout.shard_path(4), header, bytes(512))  # tarfile alone would take this for the end of the archive
+    layout.shard_path(5).write_bytes(b"")
+    layout.shard_path(1).write_bytes(np.random.default_rng(0).bytes(30000))  # not a tar at all
+    layout.shard_path(2).unlink()
+    layout.shard_path(3).unlink()
+    layout.shard_path(3).mkdir()  # a folder where a shard should be
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 1
+    out = result.output
+    assert "shard-000000.tar: damaged after 2 sample(s) (unexpected end of data)" in out
+    assert f"index row '{samples[2].key}' (shard shard-000000.tar) is in no shard" in out
+    assert samples[0].key not in out and samples[1].key not in out  # read before the cut, and intact
+    assert "shard-000001.tar: not a readable tar file (invalid header); no sample could be read" in out
+    assert "shard-000002.tar is missing: the index lists 3 sample(s) in it" in out
+    assert "shard-000003.tar: cannot be read" in out and "Is a directory" in out
+    assert "shard-000004.tar: damaged after 1 sample(s) (a bad or zeroed tar header ends the archive near byte" in out
+    assert f"index row '{samples[13].key}' (shard shard-000004.tar) is in no shard" in out
+    assert "shard-000005.tar: not a readable tar file (empty file)" in out
+    assert isinstance(result.exception, SystemExit)  # reported, not raised
+
+
+def test_verify_names_a_sample_cut_between_its_members(tmp_path: Path) -> None:
+    layout, samples = make_run(tmp_path / "run", tasks=1, per_task=3)
+    with tarfile.open(layout.shard_path(0)) as tar:
+        cut = tar.getmember(f"{samples[1].key}.places.npy")  # the last member of the second sample
+    layout.shard_path(0).write_bytes(layout.shard_path(0).read_bytes()[: cut.offset_data + 700])
+    result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
+    assert result.exit_code == 1
+    assert "shard-000000.tar: damaged after 2 sample(s) (unexpected end of data)" in result.output
+    assert f"sample '{samples[1].key}': member(s) 'places.npy' written at ingest are missing" in result.output
+    assert f"index row '{samples[2].key}' (shard shard-000000.tar) is in no shard" in result.output
+    assert samples[0].key not in result.output
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "no such folder", "a file", "garbage index"])
+def test_verify_and_info_on_what_is_not_a_run(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "run"
+    if kind == "empty folder":
+        target.mkdir()
+    elif kind == "a file":
+        target.write_text("x")
+    elif kind == "garbage index":
+        layout, _ = make_run(target)
+        layout.index_path.write_bytes(b"not parquet")
+    expected = {
+        "empty folder": [f"{target} holds no run: no shard-*.tar, index.parquet or parts/"] * 2,
+        "no such folder": ["does not exist"] * 2,
+        "a file": ["is a file"] * 2,
+        "garbage index": ["index.parquet unreadable", "cannot read the ledgers of"],
+    }[kind]
+    for command, message in zip(["verify", "info"], expected, strict=True):
+        result = CliRunner().invoke(main, [command, str(target)])
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output  # no traceback
+        assert message in result.output
