@@ -141,6 +141,8 @@ class SoundNet(nn.Module):
     def output_length(self, layer: str, num_samples: int) -> int:
         """Time steps that ``layer`` produces for an input of ``num_samples`` (may be <= 0: too short)."""
         self._check_layer(layer)
+        if num_samples < 1:
+            return 0
         n = num_samples
         for spec in self._blocks:
             n = _out_len(n, spec.kernel, spec.stride, spec.padding)
@@ -195,11 +197,13 @@ class SoundNet(nn.Module):
         for spec in self._blocks:
             x = self.blocks[spec.name](x)
             out[spec.name] = x
+            if order.index(spec.name) >= last:
+                return {layer: out[layer] for layer in wanted}
             if spec.pool:
                 x = nn.functional.max_pool1d(x, spec.pool[1], spec.pool[1])
                 out[spec.pool[0]] = x
-            if order.index(spec.pool[0] if spec.pool else spec.name) >= last:
-                return {layer: out[layer] for layer in wanted}
+                if order.index(spec.pool[0]) >= last:
+                    return {layer: out[layer] for layer in wanted}
         for name, head_name in zip(self.config.heads, self.head_names):
             if head_name in wanted:
                 out[head_name] = self.heads[name](x)

@@ -99,3 +99,28 @@ def test_paper_initialisation() -> None:
     assert abs(bn7.mean().item() - 1.0) < 5e-3 and abs(bn7.std().item() - 0.02) < 3e-3
     assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Conv1d))
     assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+
+
+@pytest.mark.parametrize("arch", ["soundnet8", "soundnet5"])
+def test_min_input_samples_is_the_true_minimum_of_every_layer(arch: str) -> None:
+    """At the minimum every layer really runs; one sample less is a clear error, never an error inside torch."""
+    model = build_model(ModelConfig(arch)).eval()
+    for layer in model.layer_names:
+        need = model.min_input_samples(layer)
+        with torch.no_grad():
+            out = model.features(torch.zeros(1, 1, need), layer)[layer]
+        assert out.shape[-1] == model.output_length(layer, need) >= 1, layer
+        with pytest.raises(ValueError, match=rf"too short for layer '{layer}'.*at least {need} samples"):
+            model.features(torch.zeros(1, 1, need - 1), layer)
+
+
+def test_the_model_applies_its_own_input_scale() -> None:
+    """Callers pass waveforms in [-1, 1]; the config's input scale (the released model's x256) is applied inside."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("soundnet8")).eval()
+    unscaled = build_model(ModelConfig("soundnet8", input_scale=1.0)).eval()
+    unscaled.load_state_dict(model.state_dict())
+    x = torch.rand(1, 1, SAMPLE_RATE) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.features(x, "conv1")["conv1"], unscaled.features(x * 256, "conv1")["conv1"])
+    assert model.config.sample_rate == SAMPLE_RATE and model.config.input_scale == 256.0
