@@ -157,6 +157,11 @@ def embed_batch(model: SoundNet, waveforms: np.ndarray, layer: str, chunk_sample
     return np.concatenate(pieces, axis=1)
 
 
+def layer_width(model: SoundNet, layer: str) -> int:
+    """Channels (or classes, for a head) of ``layer``: the D of its embeddings."""
+    return int(embed_batch(model, np.zeros((1, model.min_input_samples(layer)), np.float32), layer).shape[-1])
+
+
 def embed(
     model: SoundNet,
     audio: np.ndarray | torch.Tensor,

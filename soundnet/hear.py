@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from soundnet.api import embed_batch, receptive_field, tile_to
+from soundnet.api import embed_batch, layer_width, receptive_field, tile_to
 from soundnet.api import load_model as load_soundnet
 from soundnet.student.model import SoundNet
 
@@ -37,8 +37,7 @@ class HearModel(nn.Module):
         self.net = net.eval()
         self.layer = layer
         self.sample_rate = int(net.config.sample_rate)
-        probe = np.zeros((1, net.min_input_samples(layer)), np.float32)
-        width = int(embed_batch(net, probe, layer).shape[-1])
+        width = layer_width(net, layer)
         self.scene_embedding_size = width
         self.timestamp_embedding_size = width
         stride = receptive_field(net, layer).stride
