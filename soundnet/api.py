@@ -13,7 +13,8 @@
   each side; only the output steps whose receptive field lies wholly inside a chunk (or touches the true start or
   end of the input) are kept, so the result equals one pass over the whole input while memory stays bounded.
 * ``times_s[t]`` is the centre of output step ``t``'s receptive field, computed from the architecture table
-  (:func:`receptive_field`).
+  (:func:`receptive_field`): evenly spaced by the layer's stride (pool5: 8192 samples, 371.5 ms). The first fields
+  of the deep layers reach into the network's zero padding, so their centres can lie before 0 s (conv7: -0.45 s).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soundnet.audio import resample
 from soundnet.student.checkpoint import load_checkpoint
 from soundnet.student.model import ARCHITECTURES, SoundNet
 from soundnet.student.soundnet_import import import_soundnet8
 
 DEFAULT_LAYER = "pool5"
 CHUNK_SECONDS = 60.0
-"""Audio per forward pass for long inputs: about 60 MB of activations for SoundNet8 at 22050 Hz."""
+"""Audio per forward pass for long inputs: about 0.25 GB of activations for SoundNet8 (bench/embed.py)."""
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SoundNet:
@@ -103,7 +103,11 @@ def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) ->
     if int(sample_rate) != sample_rate or sample_rate < 1:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     mono = audio.astype(np.float32) if audio.ndim == 1 else audio.astype(np.float32).mean(axis=0)
-    return mono if sample_rate == to_rate else resample(mono, int(sample_rate), to_rate)
+    if sample_rate == to_rate:
+        return mono
+    from soundnet.audio import resample  # PyAV only here: the training command line imports this module
+
+    return resample(mono, int(sample_rate), to_rate)
 
 
 def tile_to(waveforms: np.ndarray, num_samples: int) -> np.ndarray:

@@ -4,8 +4,8 @@ Inputs are files, folders (searched recursively for audio and video files) and l
 path per line; ``.csv``/``.parquet``: a ``path`` column). A file that cannot be read becomes a row with an
 ``error`` and is named in the summary; it never stops the run.
 
-PyAV (through :mod:`soundnet.api`) is imported only when the command runs, so that importing the ``student``
-command line (for training) keeps decoding code out of the process.
+PyAV (:mod:`soundnet.audio`) is imported only when files are read, so that importing the ``student`` command line
+(for training) keeps decoding code out of the process.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from soundnet.api import CHUNK_SECONDS, DEFAULT_LAYER, embed, layer_width, load_model, receptive_field
+from soundnet.shards.atomic import atomic_path
+from soundnet.shards.contract import SAMPLE_RATE
 
 AUDIO_EXTENSIONS = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff", ".aifc", ".au",
@@ -63,8 +68,7 @@ def list_inputs(specs: tuple[str, ...]) -> list[str]:
 
 def embed_files(paths: list[str], model, layer: str, scene: bool, chunk_seconds: float) -> Iterator[Result]:
     """One :class:`Result` per path, in order; decoding failures are results with an ``error``."""
-    from soundnet.api import embed
-    from soundnet.audio import SAMPLE_RATE, read_audio
+    from soundnet.audio import read_audio
     from soundnet.media import DecodeError
 
     for path in paths:
@@ -128,12 +132,16 @@ def _with_nulls(vectors: pa.FixedSizeListArray, missing: pa.Array) -> pa.Array:
     type=click.Path(exists=True, dir_okay=False),
     help="A checkpoint (student train / import-soundnet) or the released soundnet8.npz.",
 )
-@click.option("--layer", default="pool5", show_default=True, help="Named output: conv1..conv7, pool1/2/5, heads.")
+@click.option("--layer", default=DEFAULT_LAYER, show_default=True, help="conv1..conv7, pool1/2/5 or a head.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write.")
 @click.option("--scene", is_flag=True, help="One vector per file: the mean over time.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option(
-    "--chunk-seconds", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Audio per forward pass."
+    "--chunk-seconds",
+    type=click.FloatRange(min=1),
+    default=CHUNK_SECONDS,
+    show_default=True,
+    help="Audio per forward pass.",
 )
 def embed_command(
     inputs: tuple[str, ...], checkpoint: str, layer: str, out: Path, scene: bool, device: str, chunk_seconds: float
@@ -143,11 +151,6 @@ def embed_command(
     Rows: path, seconds, timestamps (receptive-field centres, s) and embeddings [T, D] (--scene: embedding [D]),
     error (null unless the file could not be read). Unreadable files are rows with an error, never fatal.
     """
-    from tqdm import tqdm
-
-    from soundnet.api import layer_width, load_model, receptive_field
-    from soundnet.shards.atomic import atomic_path
-
     try:
         model = load_model(checkpoint, device)
         field = receptive_field(model, layer)
