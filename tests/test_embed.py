@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import soundnet
 from soundnet.audio import read_audio
 from soundnet.student.cli import main
+from tests.conftest import shared_path
 
 RATE = 22050
 BIN = Path(sys.executable).parent
@@ -118,3 +119,17 @@ def test_ten_minute_stereo_file_embeds_in_bounded_memory(soundnet8_npz, ffmpeg_e
     row = pq.read_table(out).to_pylist()[0]
     assert row["error"] is None and abs(row["seconds"] - 600) < 0.01
     assert np.array(row["embeddings"]).shape == (1615, 256)  # pool5 steps of 600 s at 22050 Hz
+
+
+def test_a_folder_of_real_videos_embeds_their_sound(soundnet8_npz, tmp_path):
+    """The 16 shared videos (containers and codecs of every kind): 13 with sound give rows, 3 without are errors."""
+    videos = shared_path("videos")
+    out = tmp_path / "videos.parquet"
+    output = run_embed(str(videos), "--checkpoint", str(soundnet8_npz), "--out", str(out))
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 16 and "embedded 13 of 16 files" in output
+    failed = sorted(Path(r["path"]).name for r in rows if r["error"])
+    assert len(failed) == 3 and all(name.split(".")[0].endswith("_noaudio") for name in failed)
+    assert all(r["error"].startswith("no_audio:") for r in rows if r["error"])
+    for row in (r for r in rows if not r["error"]):
+        assert len(row["embeddings"]) == len(row["timestamps"]) >= 1 and len(row["embeddings"][0]) == 256
