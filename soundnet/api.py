@@ -102,7 +102,7 @@ def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) ->
         raise ValueError("audio contains NaN or infinite values")
     if int(sample_rate) != sample_rate or sample_rate < 1:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
-    mono = audio.astype(np.float32) if audio.ndim == 1 else audio.astype(np.float32).mean(axis=0)
+    mono = audio.astype(np.float32, copy=False) if audio.ndim == 1 else audio.mean(axis=0, dtype=np.float32)
     if sample_rate == to_rate:
         return mono
     from soundnet.audio import resample  # PyAV only here: the training command line imports this module

@@ -77,11 +77,13 @@ def embed_files(paths: list[str], model, layer: str, scene: bool, chunk_seconds:
         except DecodeError as exc:
             yield Result(path, error=f"{exc.reason}: {exc.message}")
             continue
-        embeddings, times = embed(model, audio.as_float(), SAMPLE_RATE, layer, chunk_seconds)
+        seconds, waveform = audio.seconds, audio.as_float()
+        del audio  # the int16 copy: a long file's waveform is the largest thing in memory
+        embeddings, times = embed(model, waveform, SAMPLE_RATE, layer, chunk_seconds)
         if scene:
-            yield Result(path, audio.seconds, embeddings.mean(axis=0))
+            yield Result(path, seconds, embeddings.mean(axis=0))
         else:
-            yield Result(path, audio.seconds, embeddings, times)
+            yield Result(path, seconds, embeddings, times)
 
 
 def _schema(width: int, scene: bool, metadata: dict) -> pa.Schema:

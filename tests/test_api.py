@@ -71,7 +71,9 @@ def test_other_rates_are_resampled_like_files(tmp_path, clip):
     stereo = np.stack([up, 0.5 * up + 0.01 * rng.standard_normal(len(up)).astype(np.float32)])
     pcm = np.round(np.clip(stereo, -1, 1 - 1 / 32768) * 32768).astype(np.int16)
     with wave.open(str(tmp_path / "stereo.wav"), "wb") as f:
-        f.setnchannels(2), f.setsampwidth(2), f.setframerate(44100)
+        f.setnchannels(2)
+        f.setsampwidth(2)
+        f.setframerate(44100)
         f.writeframes(pcm.T.tobytes())
     from_file = read_audio(tmp_path / "stereo.wav").as_float()
     from_array = soundnet.api.as_mono(pcm.astype(np.float32) / 32768, 44100, SAMPLE_RATE)
