@@ -87,8 +87,8 @@ def receptive_field(model: SoundNet, layer: str) -> ReceptiveField:
 
 def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) -> np.ndarray:
     """Float32 mono audio at ``to_rate`` from numpy/torch ``[samples]`` or ``[channels, samples]`` in [-1, 1]."""
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
+    if isinstance(audio, torch.Tensor):  # float16/bfloat16 have no numpy twin: float32, as the network computes
+        audio = (audio.detach().float() if audio.is_floating_point() else audio.detach()).cpu().numpy()
     audio = np.asarray(audio)
     if not np.issubdtype(audio.dtype, np.floating):
         raise TypeError(f"audio must be floating point in [-1, 1], got {audio.dtype} (int16 audio: divide by 32768)")

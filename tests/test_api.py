@@ -58,7 +58,8 @@ def test_pool5_of_a_real_clip_matches_the_network(model, clip):
 
 def test_torch_numpy_mono_and_identical_stereo_agree(model, clip):
     reference, times = soundnet.embed(model, clip, SAMPLE_RATE)
-    for audio in (torch.from_numpy(clip), np.stack([clip, clip]), torch.from_numpy(np.stack([clip, clip]))):
+    both = np.stack([clip, clip])
+    for audio in (torch.from_numpy(clip), both, torch.from_numpy(both), both.astype(np.float64)):
         embeddings, same_times = soundnet.embed(model, audio, SAMPLE_RATE)
         np.testing.assert_allclose(embeddings, reference, atol=1e-5)
         np.testing.assert_array_equal(same_times, times)
@@ -144,6 +145,10 @@ def test_receptive_field_bounds_what_each_step_hears(model, layer):
 def test_bad_audio_gets_a_clear_error(model, clip):
     with pytest.raises(TypeError, match="floating point.*divide by 32768"):
         soundnet.embed(model, (clip * 32767).astype(np.int16), SAMPLE_RATE)
+    with pytest.raises(TypeError, match="floating point"):
+        soundnet.embed(model, torch.from_numpy((clip * 32767).astype(np.int16)), SAMPLE_RATE)
+    half, _ = soundnet.embed(model, torch.from_numpy(clip).to(torch.bfloat16), SAMPLE_RATE)
+    assert half.dtype == np.float32 and half.shape == (13, 256)
     with pytest.raises(ValueError, match=r"looks like \[samples, channels\]"):
         soundnet.embed(model, np.stack([clip, clip], axis=1), SAMPLE_RATE)
     with pytest.raises(ValueError, match="samples > 0"):
