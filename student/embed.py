@@ -25,6 +25,7 @@ from tqdm import tqdm
 from soundnet.api import CHUNK_SECONDS, DEFAULT_LAYER, embed, layer_width, load_model, receptive_field
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.contract import SAMPLE_RATE
+from soundnet.student.model import SoundNet
 
 AUDIO_EXTENSIONS = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff", ".aifc", ".au",
@@ -66,7 +67,7 @@ def list_inputs(specs: tuple[str, ...]) -> list[str]:
     return paths
 
 
-def embed_files(paths: list[str], model, layer: str, scene: bool, chunk_seconds: float) -> Iterator[Result]:
+def embed_files(paths: list[str], model: SoundNet, layer: str, scene: bool, chunk_seconds: float) -> Iterator[Result]:
     """One :class:`Result` per path, in order; decoding failures are results with an ``error``."""
     from soundnet.audio import read_audio
     from soundnet.media import DecodeError
