@@ -3,13 +3,14 @@
 The stage folders of the repository are the subpackages of this one import root: ``soundnet.ingest``,
 ``soundnet.teachers``, ``soundnet.shards``, ``soundnet.student``, ``soundnet.evaluate``.
 
-Features for everyone: ``soundnet.load_model(path)`` and ``soundnet.embed(model, audio, sample_rate, layer)``
+Features for everyone: ``soundnet.load_model(path)``, ``soundnet.embed(model, audio, sample_rate, layer)`` and
+``soundnet.embed_many`` (many clips, batched)
 (:mod:`soundnet.api`); the HEAR 2021 API is :mod:`soundnet.hear`.
 """
 
 from typing import Any
 
-__all__ = ["embed", "load_model"]
+__all__ = ["embed", "embed_many", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

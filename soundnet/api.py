@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +181,30 @@ def embed(
     A clip shorter than the layer's minimum is tiled up to it; long inputs run in chunks of ``chunk_seconds``
     with the same result as one pass.
     """
+    waveform = as_mono(audio, sample_rate, model.config.sample_rate)
+    return embed_many(model, [waveform], layer, chunk_seconds)[0]
+
+
+def embed_many(
+    model: SoundNet, waveforms: Sequence[np.ndarray], layer: str = DEFAULT_LAYER, chunk_seconds: float = CHUNK_SECONDS
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`embed` for many mono float32 waveforms at the model's rate, faster: clips of equal length run as one
+    batch of at most ``chunk_seconds`` of audio (a batch of 12 five-second clips is several times faster than
+    12 single passes on a CPU), longer ones one by one in chunks."""
     rate = model.config.sample_rate
-    waveform = as_mono(audio, sample_rate, rate)
-    waveform = tile_to(waveform, model.min_input_samples(layer))  # as the paper's evaluation tiles short clips
-    out = embed_batch(model, waveform[None], layer, int(chunk_seconds * rate))[0]
-    times = receptive_field(model, layer).centre(np.arange(out.shape[0])) / rate
-    return out, times.astype(np.float64)
+    chunk = int(chunk_seconds * rate)
+    need = model.min_input_samples(layer)  # tiled up to it, as the paper's evaluation tiles short clips
+    tiled = [tile_to(waveform, need) for waveform in waveforms]
+    field = receptive_field(model, layer)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, waveform in enumerate(tiled):
+        by_length[len(waveform)].append(i)
+    results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(tiled)  # type: ignore[list-item]
+    for n, indices in by_length.items():
+        per_batch = max(1, chunk // n)
+        for start in range(0, len(indices), per_batch):
+            group = indices[start : start + per_batch]
+            batch = tiled[group[0]][None] if len(group) == 1 else np.stack([tiled[i] for i in group])
+            for i, out in zip(group, embed_batch(model, batch, layer, chunk)):
+                results[i] = (out, (field.centre(np.arange(len(out))) / rate).astype(np.float64))
+    return results

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from soundnet.api import CHUNK_SECONDS, DEFAULT_LAYER, embed, layer_width, load_model, receptive_field
+from soundnet.api import CHUNK_SECONDS, DEFAULT_LAYER, embed_many, layer_width, load_model, receptive_field
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.contract import SAMPLE_RATE
 from soundnet.student.model import SoundNet
@@ -68,23 +68,41 @@ def list_inputs(specs: tuple[str, ...]) -> list[str]:
 
 
 def embed_files(paths: list[str], model: SoundNet, layer: str, scene: bool, chunk_seconds: float) -> Iterator[Result]:
-    """One :class:`Result` per path, in order; decoding failures are results with an ``error``."""
+    """One :class:`Result` per path, in order; decoding failures are results with an ``error``.
+
+    Files are decoded a window at a time (up to ``chunk_seconds`` of audio, or one longer file) and embedded
+    together, so that clips of equal length share a batch.
+    """
     from soundnet.audio import read_audio
     from soundnet.media import DecodeError
+
+    budget = int(chunk_seconds * SAMPLE_RATE)
+    window: list[Result] = []
+    waveforms: list[np.ndarray] = []
+
+    def flush() -> Iterator[Result]:
+        outputs = iter(embed_many(model, waveforms, layer, chunk_seconds))
+        for result in window:
+            if result.error is None:
+                result.embeddings, result.timestamps = next(outputs)
+                if scene:
+                    result.embeddings, result.timestamps = result.embeddings.mean(axis=0), None
+            yield result
+        window.clear()
+        waveforms.clear()
 
     for path in paths:
         try:
             audio = read_audio(path)
         except DecodeError as exc:
-            yield Result(path, error=f"{exc.reason}: {exc.message}")
+            window.append(Result(path, error=f"{exc.reason}: {exc.message}"))
             continue
-        seconds, waveform = audio.seconds, audio.as_float()
+        if waveforms and sum(map(len, waveforms)) + len(audio.samples) > budget:
+            yield from flush()
+        window.append(Result(path, audio.seconds))
+        waveforms.append(audio.as_float())
         del audio  # the int16 copy: a long file's waveform is the largest thing in memory
-        embeddings, times = embed(model, waveform, SAMPLE_RATE, layer, chunk_seconds)
-        if scene:
-            yield Result(path, seconds, embeddings.mean(axis=0))
-        else:
-            yield Result(path, seconds, embeddings, times)
+    yield from flush()
 
 
 def _schema(width: int, scene: bool, metadata: dict) -> pa.Schema:

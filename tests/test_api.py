@@ -112,6 +112,16 @@ def test_every_layer_works_on_every_clip_length(model, clip):
     assert soundnet.embed(model, clip, SAMPLE_RATE, layer="conv8_places")[0].shape == (1, 401)
 
 
+def test_many_clips_batched_by_length_equal_one_by_one(model, clip):
+    clips = [clip, clip[:2205], clip[::-1].copy(), clip[:SAMPLE_RATE], clip * 0.5, np.resize(clip, 70 * SAMPLE_RATE)]
+    together = soundnet.api.embed_many(model, clips)
+    assert len(together) == len(clips)
+    for audio, (embeddings, times) in zip(clips, together):
+        alone, alone_times = soundnet.embed(model, audio, SAMPLE_RATE)
+        np.testing.assert_allclose(embeddings, alone, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(times, alone_times)
+
+
 @pytest.mark.parametrize("layer", ["conv2", "pool5", "conv7", "conv8_imagenet"])
 def test_chunked_passes_equal_one_pass(model, clip, layer):
     audio = np.resize(clip, 20 * SAMPLE_RATE)

@@ -35,7 +35,6 @@ def model(soundnet8_npz):
     return soundnet.load_model(soundnet8_npz)
 
 
-@pytest.mark.slow
 def test_forty_esc10_files_give_forty_rows_equal_to_the_api(esc50_dir, soundnet8_checkpoint, model, tmp_path):
     files = sorted((esc50_dir / "audio").glob("*.flac"))[:40]
     listing = tmp_path / "clips.txt"
@@ -49,7 +48,7 @@ def test_forty_esc10_files_give_forty_rows_equal_to_the_api(esc50_dir, soundnet8
     for i in (0, 17, 39):
         row = table.slice(i, 1).to_pylist()[0]
         expected, times = soundnet.embed(model, read_audio(files[i]).as_float(), RATE)
-        np.testing.assert_allclose(np.array(row["embeddings"], np.float32), expected, atol=1e-5)
+        np.testing.assert_allclose(np.array(row["embeddings"], np.float32), expected, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(row["timestamps"], times)
 
 
