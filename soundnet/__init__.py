@@ -3,9 +3,9 @@
 The stage folders of the repository are the subpackages of this one import root: ``soundnet.ingest``,
 ``soundnet.teachers``, ``soundnet.shards``, ``soundnet.student``, ``soundnet.evaluate``.
 
-Features for everyone: ``soundnet.load_model(path)``, ``soundnet.embed(model, audio, sample_rate, layer)`` and
-``soundnet.embed_many`` (many clips, batched)
-(:mod:`soundnet.api`); the HEAR 2021 API is :mod:`soundnet.hear`.
+Features for everyone (:mod:`soundnet.api`): ``soundnet.load_model(path)``,
+``soundnet.embed(model, audio, sample_rate, layer)`` and ``soundnet.embed_many`` (many clips, batched); the HEAR
+2021 API is :mod:`soundnet.hear`.
 """
 
 from typing import Any
