@@ -33,6 +33,7 @@ AUDIO_EXTENSIONS = (
 )  # fmt: skip
 LIST_EXTENSIONS = (".txt", ".lst", ".list", ".csv", ".parquet", ".pq")
 ROWS_PER_GROUP = 64
+BYTES_PER_GROUP = 256 << 20  # a row group is written when either bound is reached (deep layers of long files)
 
 
 @dataclass
@@ -201,7 +202,8 @@ def embed_command(
                 progress.set_postfix(failed=len(failures))
             else:
                 done += 1
-            if len(pending) == ROWS_PER_GROUP:
+            held = sum(r.embeddings.nbytes for r in pending if r.embeddings is not None)
+            if len(pending) == ROWS_PER_GROUP or held >= BYTES_PER_GROUP:
                 writer.write_table(_table(pending, schema, width, scene))
                 pending = []
         if pending:
