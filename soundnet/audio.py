@@ -106,3 +106,20 @@ def read_audio(path: str | os.PathLike, max_seconds: float | None = None) -> Dec
     """
     with decode_errors(path), open_media(path) as container:
         return decode_audio(container, max_seconds=max_seconds)
+
+
+def resample(waveform: np.ndarray, rate: int, to_rate: int = SAMPLE_RATE, block: int = 1 << 16) -> np.ndarray:
+    """Resample mono float32 ``waveform`` from ``rate`` to ``to_rate`` with libswresample, as files are decoded.
+
+    The input is fed in blocks of ``block`` samples, so memory beyond the input and output stays small.
+    """
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=to_rate)
+    chunks: list[np.ndarray] = []
+    for start in range(0, len(waveform), block):
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(waveform[None, start : start + block], dtype=np.float32), format="flt", layout="mono"
+        )
+        frame.sample_rate = rate
+        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+    chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)

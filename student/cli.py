@@ -99,3 +99,8 @@ def train_command(shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...
         train(config)
     except (NonFiniteLoss, FileNotFoundError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+from soundnet.student.embed import embed_command  # noqa: E402
+
+main.add_command(embed_command)
