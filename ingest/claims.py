@@ -165,7 +165,7 @@ class Claims:
                 with contextlib.suppress(FileExistsError):
                     os.link(moved, path)
                 return False
-            log.warning("taking over shard task %s from a run that stopped: %s", path.stem, moved.read_text())
+            log.warning("taking over %s from a run that stopped: %s", path.stem, moved.read_text())
             return True
         finally:
             moved.unlink(missing_ok=True)

@@ -66,7 +66,7 @@ def _disk_errors(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+        if exc.errno == errno.ENOSPC or "No space left on device" in str(exc):  # pyarrow's have no errno
             raise RunError(
                 f"no space left on device while writing to --out {out}: finished shards are complete and kept; "
                 "free space (or move the run folder) and run again with --resume"
