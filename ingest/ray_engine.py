@@ -10,9 +10,8 @@ Ray redoes what a dead process was running: a decode (an input that kills its wo
 (its shard is written again from the start). A shard task is complete only when its ledger parts exist, and they
 are written after the shard is in place, so every input still ends exactly once in the ledgers.
 
-Joining a cluster started with ``ray start --head`` (Ray 2.59+ turns on token authentication for it): the driver
-uses the token from Ray's standard places (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``,
-``~/.ray/auth_token``) and sets ``RAY_AUTH_MODE=token`` when one exists and the mode is not set.
+Joining a cluster started with ``ray start --head`` (Ray 2.59+ turns on token authentication for it when a token
+exists): the driver uses the token from Ray's standard places, :mod:`soundnet.ingest.ray_auth`.
 
 Only ``--engine ray`` imports this module: Ray is an optional extra.
 """
@@ -24,7 +23,6 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
@@ -37,6 +35,7 @@ from soundnet.ingest.engine import OnTask, Work
 from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import VideoInput
 from soundnet.ingest.label import Labeller
+from soundnet.ingest.ray_auth import AUTH_HELP
 from soundnet.ingest.stats import TaskStats
 from soundnet.ingest.task import Labelled, Pending, run_task
 from soundnet.ingest.worker import Decoded, decode_input, failure_row
@@ -117,27 +116,15 @@ def write_shard(
     return run_task(task, RunLayout(out_dir), decoded(), label, batch_frames, LABEL_CALLS_IN_FLIGHT, claim)
 
 
-def auth_token_present() -> bool:
-    """Whether a Ray token is at one of Ray's standard places (what ``ray start`` wrote, or what the user set)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
-    return Path(path).is_file()
-
-
 def _join(address: str) -> None:
-    """Join a running cluster, with its token when one is at hand; a refusal says what to set."""
-    if "RAY_AUTH_MODE" not in os.environ and auth_token_present():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    """Join a running cluster (with its token: see :mod:`soundnet.ingest.ray_auth`); a refusal says what to set."""
     try:
         ray.init(address=address)
     except (ConnectionError, RayError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunError(
             f"--ray-address {address}: cannot join the Ray cluster ({first}). Check that `ray start --head` runs "
-            "there and the address and port are right. A cluster with token authentication (Ray 2.59+ `ray start` "
-            "turns it on) needs its token here: copy the head's ~/.ray/auth_token to this machine's ~/.ray/, or set "
-            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH), and RAY_AUTH_MODE=token"
+            f"there and that the address and port are right. {AUTH_HELP}"
         ) from exc
 
 

@@ -154,6 +154,10 @@ def _engine(
         return LocalEngine(specs, device, batch_frames, workers)
     if name != "ray":
         raise RunError(f"unknown engine {name!r}")
+    if ray_address:
+        from soundnet.ingest.ray_auth import use_token_if_present
+
+        use_token_if_present()  # before Ray is imported: it reads RAY_AUTH_MODE once
     try:  # imported only for --engine ray: Ray is an optional extra
         from soundnet.ingest.ray_engine import RayEngine
     except ModuleNotFoundError as exc:
