@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -37,7 +38,9 @@ class DecodePool:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: workers must not inherit the parent's torch/OpenMP state (fork after OpenMP can deadlock)
-        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=init_worker)
+        return ProcessPoolExecutor(
+            self.workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(os.getpid(),)
+        )
 
     def close(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -89,12 +89,13 @@ def _decode(item: VideoInput, config: IngestConfig) -> Decoded:
     return Decoded(item, clip=clip)
 
 
-def init_worker() -> None:
+def init_worker(parent: int) -> None:
     """Initializer of a decoding worker: one core each (the engine's parallelism is the number of workers), and
-    exit as soon as the parent is gone (SIGKILL of ``ingest`` included, which no handler in the parent sees)."""
+    exit as soon as ``parent`` (the pid of the process that made the pool) is gone, SIGKILL of ``ingest``
+    included, which no handler in the parent sees. The pid is passed in: a worker started just as its parent died
+    would already see its new parent in ``os.getppid()``."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
