@@ -247,3 +247,21 @@ def test_read_only_out_is_a_clear_error(tmp_path) -> None:
     result = in_tmpfs(tmp_path, "ro", ingest_sh(listing, "$T/out", "--workers", "1"))
     assert result.returncode == 1
     assert "is not writable (Read-only file system)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sweep_spares_tasks_that_live_runs_hold(tmp_path) -> None:
+    layout = RunLayout(tmp_path)
+    claim_file(layout, 1, {"host": "elsewhere", "pid": 1, "run": "live"}, age_s=0)
+    claim_file(layout, 2, {"host": "elsewhere", "pid": 1, "run": "gone"}, age_s=600)
+    leftovers = {}
+    for task in (1, 2):
+        leftovers[task] = [tmp_path / f".shard-{task:06d}.tar.abc.tmp", layout.shard_path(task)]
+        for path in leftovers[task]:
+            path.write_bytes(b"partial")
+    young = tmp_path / ".index.parquet.abc.tmp"  # a ledger another run is merging right now
+    young.write_bytes(b"partial")
+    with Claims(layout, timeout_s=60) as claims:
+        assert claims.live_others() == {1}
+        removed = layout.sweep_temporaries(busy=claims.live_others(), min_age_s=claims.timeout_s)
+    assert sorted(removed) == sorted(leftovers[2])
+    assert all(p.exists() for p in [*leftovers[1], young])
