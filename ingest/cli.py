@@ -151,15 +151,18 @@ def run(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = IngestConfig(
-        clip_seconds=clip_seconds,
-        frame_interval=frame_interval,
-        max_frames=max_frames,
-        frame_seek=frame_seek,
-        min_seconds=min_seconds,
-        keep_silent=keep_silent,
-        samples_per_shard=samples_per_shard,
-    )
+    try:
+        config = IngestConfig(
+            clip_seconds=clip_seconds,
+            frame_interval=frame_interval,
+            max_frames=max_frames,
+            frame_seek=frame_seek,
+            min_seconds=min_seconds,
+            keep_silent=keep_silent,
+            samples_per_shard=samples_per_shard,
+        )
+    except ValueError as exc:  # the clip layout names what is wrong
+        raise click.UsageError(f"--frame-interval/--max-frames: {exc}") from exc
     try:
         summary = run_ingest(
             videos,

@@ -30,6 +30,7 @@ from soundnet.ingest.engine import Engine, Work
 from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import read_video_list
 from soundnet.ingest.stats import TaskStats, run_summary
+from soundnet.shards.contract import ClipLayout
 from soundnet.shards.ledger import RunLayout
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def _start_or_join(layout: RunLayout, manifest: dict, resume: bool) -> bool:
             return False
     _refuse_existing(layout, resume)
     previous = json.loads(layout.manifest_path.read_text())
+    previous["layout"] = ClipLayout.from_json(previous.get("layout")).to_json()  # runs before it was recorded
     changed = [k for k in manifest if previous.get(k) != manifest[k]]
     if changed:
         raise RunError(

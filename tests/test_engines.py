@@ -265,3 +265,13 @@ def test_sweep_spares_tasks_that_live_runs_hold(tmp_path) -> None:
         removed = layout.sweep_temporaries(busy=claims.live_others(), min_age_s=claims.timeout_s)
     assert sorted(removed) == sorted(leftovers[2])
     assert all(p.exists() for p in [*leftovers[1], young])
+
+
+def test_an_impossible_clip_layout_is_a_usage_error(tmp_path) -> None:
+    from soundnet.ingest.cli import main
+
+    result = CliRunner().invoke(
+        main, ["run", "--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--frame-interval", "0"]
+    )
+    assert result.exit_code == 2 and "clip layout needs a positive" in result.output
+    assert not (tmp_path / "o").exists()
