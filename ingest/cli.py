@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 
 import click
 
-from soundnet.ingest.decode import CLIP_SECONDS
+from soundnet.ingest.claims import CLAIM_TIMEOUT_S
 from soundnet.ingest.frames import MAX_FRAMES, MIN_SECONDS, SEEK_MODES, SLOT_INTERVAL_S
 
 DEFAULT_TEACHERS = ("imagenet=resnet50:IMAGENET1K_V2",)
@@ -60,9 +62,26 @@ def main() -> None:
     help="With --engine ray: teacher actors, each holding a GPU (or a CPU on a cluster without GPUs).  "
     "[default: one per GPU; 1 without GPUs]",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out: finished shards are kept, others redone.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out (finished shards are kept, others redone), or join it while other runs "
+    "work on it (one per machine over a shared filesystem; each shard task is written by one run).",
+)
+@click.option(
+    "--claim-timeout",
+    type=click.FloatRange(min=1),
+    default=CLAIM_TIMEOUT_S,
+    show_default=True,
+    help="Seconds without a heartbeat after which another run's claim on a shard task is taken over "
+    "(a run on this machine whose process is gone is taken over at once).",
+)
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--clip-seconds", type=float, default=CLIP_SECONDS, show_default=True, help="Audio kept per video.")
+@click.option(
+    "--clip-seconds",
+    type=float,
+    help="Audio kept per video.  [default: --frame-interval x --max-frames, 20 s]",
+)
 @click.option(
     "--frame-interval",
     type=float,
@@ -103,6 +122,7 @@ def run(
     ray_address,
     ray_teachers,
     resume,
+    claim_timeout,
     samples_per_shard,
     clip_seconds,
     frame_interval,
@@ -118,25 +138,31 @@ def run(
     Exits 0 when every input is accounted for (failures are recorded in failures.parquet, they are data);
     non-zero for bad options, an unwritable --out, or when not a single sample could be made.
     """
+    from soundnet.ingest.config import IngestConfig
+    from soundnet.ingest.errors import RunError
     from soundnet.ingest.inputs import InputListError
-    from soundnet.ingest.pipeline import IngestConfig
-    from soundnet.ingest.run import RunError, run_ingest
+    from soundnet.ingest.run import run_ingest
 
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: decoding workers stop, claims are handed back
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if engine != "ray" and (ray_address or ray_teachers):
         raise click.UsageError("--ray-address and --ray-teachers need --engine ray")
     if device == "auto" and engine == "local":  # on Ray, the cluster's GPUs decide
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = IngestConfig(
-        clip_seconds=clip_seconds,
-        frame_interval=frame_interval,
-        max_frames=max_frames,
-        frame_seek=frame_seek,
-        min_seconds=min_seconds,
-        keep_silent=keep_silent,
-        samples_per_shard=samples_per_shard,
-    )
+    try:
+        config = IngestConfig(
+            clip_seconds=clip_seconds,
+            frame_interval=frame_interval,
+            max_frames=max_frames,
+            frame_seek=frame_seek,
+            min_seconds=min_seconds,
+            keep_silent=keep_silent,
+            samples_per_shard=samples_per_shard,
+        )
+    except ValueError as exc:  # the clip layout names what is wrong
+        raise click.UsageError(f"--frame-interval/--max-frames: {exc}") from exc
     try:
         summary = run_ingest(
             videos,
@@ -150,9 +176,17 @@ def run(
             batch_frames,
             ray_address,
             ray_teachers,
+            claim_timeout,
         )
     except (InputListError, RunError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if summary.tasks_elsewhere:
+        click.echo(
+            f"{summary.tasks_run} shard tasks run here ({summary.samples} samples, {summary.failures} failures); "
+            f"{summary.tasks_elsewhere} still being written by other runs on {out}: the last run to finish merges "
+            "the ledgers (if one was killed, run again with --resume)"
+        )
+        return
     reasons = ", ".join(f"{r} {n}" for r, n in summary.reasons.items()) or "none"
     click.echo(
         f"{summary.inputs} inputs: {summary.samples} samples, {summary.failures} failures ({reasons}); "

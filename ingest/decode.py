@@ -28,8 +28,9 @@ from soundnet.ingest.frames import (
     video_start_s,
 )
 from soundnet.media import DecodeError, decode_errors, open_media
+from soundnet.shards.contract import DEFAULT_LAYOUT, ClipLayout
 
-CLIP_SECONDS = 20.0
+CLIP_SECONDS = DEFAULT_LAYOUT.clip_seconds
 # int16 peak at or below which audio counts as digital silence: zeros, or at most dither in the last bit
 SILENCE_PEAK = 1
 
@@ -48,6 +49,7 @@ class DecodedClip:
     height: int
     fps: float | None
     seek: str
+    layout: ClipLayout  # the slots the frames were sampled on, recorded in every sample
 
     def meta(self) -> dict[str, Any]:
         """JSON-able description of the clip for the shard's ``<key>.json``."""
@@ -60,11 +62,12 @@ class DecodedClip:
             "height": self.height,
             "fps": None if self.fps is None else round(self.fps, 6),
             "audio_codec": self.audio.codec,
-            "sample_rate": self.audio.source_rate,
-            "channels": self.audio.source_channels,
+            "source_sample_rate": self.audio.source_rate,
+            "source_channels": self.audio.source_channels,
             "frame_times_s": [round(max(0.0, t), 6) for t in self.frame_times_s],
             "slot_times_s": [round(t, 6) for t in self.slot_times_s],
             "seek": self.seek,
+            "layout": self.layout.to_json(),
         }
 
 
@@ -119,4 +122,5 @@ def decode_clip(
             height=video.codec_context.height,
             fps=float(rate) if rate else None,
             seek=seek,
+            layout=ClipLayout(sample_rate=SAMPLE_RATE, slot_seconds=interval, frames_per_clip=max_frames),
         )

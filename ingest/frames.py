@@ -32,9 +32,10 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from soundnet.media import DecodeError, decoding_only
+from soundnet.shards.contract import FRAMES_PER_CLIP, SLOT_SECONDS
 
-SLOT_INTERVAL_S = 5.0
-MAX_FRAMES = 4
+SLOT_INTERVAL_S = SLOT_SECONDS
+MAX_FRAMES = FRAMES_PER_CLIP
 MIN_SECONDS = 1.0
 SHORT_SIDE = 256
 SEEK_MODES = ("accurate", "keyframe")

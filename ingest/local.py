@@ -3,37 +3,29 @@
 Decoding runs ahead of labelling in a bounded window, so the workers keep busy while the teachers run and memory
 stays flat however long the input list is. A worker that dies (a decoder crash) costs only its input: the pool is
 rebuilt, the inputs in flight are retried one at a time, and one that kills a worker again is recorded as
-``worker_crashed``.
+``worker_crashed``. Workers import only :mod:`soundnet.ingest.worker` (no torch, no webdataset) and exit when
+this process dies.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
+from soundnet.ingest.claims import Claim
+from soundnet.ingest.config import IngestConfig, ShardTask
+from soundnet.ingest.engine import OnTask, Work
 from soundnet.ingest.inputs import VideoInput
-from soundnet.ingest.pipeline import (
-    Decoded,
-    IngestConfig,
-    Labeller,
-    ShardTask,
-    TaskWriter,
-    decode_input,
-    failure_row,
-    frame_count,
-)
+from soundnet.ingest.label import Labeller
+from soundnet.ingest.task import Pending, run_task
+from soundnet.ingest.worker import Decoded, decode_input, failure_row, init_worker
 from soundnet.shards.ledger import RunLayout
-
-
-def _single_threaded() -> None:
-    """Decoding workers use one core each: the engine's parallelism is the number of workers."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
 
 
 class DecodePool:
@@ -46,10 +38,12 @@ class DecodePool:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: workers must not inherit the parent's torch/OpenMP state (fork after OpenMP can deadlock)
-        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_single_threaded)
+        return ProcessPoolExecutor(
+            self.workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(os.getpid(),)
+        )
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
     def _isolated(self, item: VideoInput) -> Decoded:
         """Retry one input alone in a fresh pool; a second crash is that input's fault."""
@@ -63,12 +57,11 @@ class DecodePool:
                 item, failure=failure_row(item.source, "decode", "worker_crashed", message, "BrokenProcessPool")
             )
 
-    def map(self, items: Sequence[VideoInput], window: int) -> Iterator[Decoded]:
+    def map(self, items: Iterator[VideoInput], window: int) -> Iterator[Decoded]:
         pending: deque[tuple[VideoInput, Future]] = deque()
-        it = iter(items)
 
         def refill() -> None:
-            while len(pending) < window and (item := next(it, None)) is not None:
+            while len(pending) < window and (item := next(items, None)) is not None:
                 pending.append((item, self._pool.submit(self.fn, item)))
 
         refill()
@@ -89,29 +82,44 @@ class DecodePool:
             yield result
 
 
-def run_local(
-    tasks: Sequence[ShardTask],
-    layout: RunLayout,
-    config: IngestConfig,
-    labeller: Labeller,
-    workers: int,
-    on_result: Callable[[Decoded], None] = lambda _: None,
-) -> None:
-    """Turn every task into its shard and ledger parts; ``on_result`` sees each decoded input (for progress)."""
-    pool = DecodePool(workers, config)
-    try:
-        items = [item for task in tasks for item in task.inputs]
-        decoded = pool.map(items, window=max(8, 4 * workers))
-        for task in tasks:
-            with TaskWriter(layout, task) as writer:
-                batch: list[Decoded] = []
-                for _ in task.inputs:
-                    d = next(decoded)
-                    on_result(d)
-                    batch.append(d)
-                    if frame_count(batch) >= labeller.batch_size:
-                        writer.add(labeller.label(batch))
-                        batch = []
-                writer.add(labeller.label(batch))
-    finally:
-        pool.close()
+class LocalEngine:
+    """``--engine local``: ``workers`` decoding processes on this machine, the teachers in this process."""
+
+    def __init__(self, specs: Sequence[object], device: str, batch_frames: int, workers: int) -> None:
+        self.specs, self.device, self.batch_frames, self.workers = specs, device, batch_frames, workers
+        self.labeller: Labeller | None = None
+
+    def start(self) -> int:
+        from soundnet.teachers import load_teacher
+
+        self.labeller = Labeller([load_teacher(spec, self.device) for spec in self.specs], self.batch_frames)
+        return self.labeller.short_side
+
+    def _label(self, batch: list[Decoded]) -> Pending:
+        labelled = self.labeller.label(batch)  # here, at once: the workers decode ahead meanwhile
+        return lambda: labelled
+
+    def run(self, work: Work, layout: RunLayout, config: IngestConfig, on_task: OnTask) -> None:
+        claimed: deque[tuple[ShardTask, Claim | None]] = deque()
+
+        def items() -> Iterator[VideoInput]:  # a task is claimed when the decoding window reaches it
+            for task, claim in work:
+                claimed.append((task, claim))
+                yield from task.inputs
+
+        pool = DecodePool(self.workers, config)
+        ok = False
+        try:
+            decoded = pool.map(items(), window=max(8, 4 * self.workers))
+            while (first := next(decoded, None)) is not None:
+                task, claim = claimed.popleft()
+                stream = itertools.chain([first], itertools.islice(decoded, len(task.inputs) - 1))
+                stats = run_task(task, layout, stream, self._label, self.batch_frames, claim=claim)
+                if stats is not None:
+                    on_task(stats)
+            ok = True
+        finally:
+            pool.close(wait=ok)  # interrupted: do not wait for decodes in flight (the workers exit with us)
+
+    def close(self) -> None:
+        self.labeller = None

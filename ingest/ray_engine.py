@@ -1,6 +1,6 @@
 """The Ray engine: the local engine's shard tasks, scheduled on a Ray cluster.
 
-One Ray task per shard task writes that shard and its ledger parts with :class:`TaskWriter` into the run folder
+One Ray task per shard task runs the shard-task body (:func:`soundnet.ingest.task.run_task`) into the run folder
 (a shared filesystem on a cluster). It decodes its inputs as one-CPU Ray tasks, a bounded window ahead, and sends
 the decoded clips in batches to a pool of teacher actors: one loaded teacher set per GPU (CPU actors on a cluster
 without GPUs), each batching frames across videos, whichever shard task they come from.
@@ -9,6 +9,9 @@ Ray redoes what a dead process was running: a decode (an input that kills its wo
 ``worker_crashed`` row), a labelling call (the actor is restarted and reloads its teachers) or a whole shard task
 (its shard is written again from the start). A shard task is complete only when its ledger parts exist, and they
 are written after the shard is in place, so every input still ends exactly once in the ledgers.
+
+Joining a cluster started with ``ray start --head`` (Ray 2.59+ turns on token authentication for it when a token
+exists): the driver uses the token from Ray's standard places, :mod:`soundnet.ingest.ray_auth`.
 
 Only ``--engine ray`` imports this module: Ray is an optional extra.
 """
@@ -19,28 +22,24 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import OutOfMemoryError, RayError, WorkerCrashedError
 
+from soundnet.ingest.claims import Claim
+from soundnet.ingest.config import IngestConfig, ShardTask
+from soundnet.ingest.engine import OnTask, Work
+from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import VideoInput
-from soundnet.ingest.pipeline import (
-    Decoded,
-    IngestConfig,
-    Labeller,
-    ShardTask,
-    TaskWriter,
-    decode_input,
-    failure_row,
-    frame_count,
-)
-from soundnet.ingest.run import RunError
+from soundnet.ingest.label import Labeller
+from soundnet.ingest.ray_auth import AUTH_HELP
+from soundnet.ingest.stats import TaskStats
+from soundnet.ingest.task import Labelled, Pending, run_task
+from soundnet.ingest.worker import Decoded, decode_input, failure_row
 from soundnet.shards.ledger import RunLayout
-from soundnet.shards.schema import Sample
 
 if TYPE_CHECKING:  # workers that only decode or write shards never import torchvision
     from soundnet.teachers import TeacherSpec
@@ -64,7 +63,7 @@ class Teachers:
     def short_side(self) -> int:
         return self.labeller.short_side
 
-    def label(self, decoded: list[Decoded]) -> list[Sample | dict[str, str]]:
+    def label(self, decoded: list[Decoded]) -> Labelled:
         return self.labeller.label(decoded)
 
 
@@ -83,47 +82,56 @@ def _fetch(item: VideoInput, ref: ray.ObjectRef) -> Decoded:
 @ray.remote(num_cpus=0, max_retries=TASK_RETRIES, retry_exceptions=True)
 def write_shard(
     task: ShardTask,
+    claim: Claim | None,
     out_dir: str,
     config: IngestConfig,
     teachers: list[ActorHandle],
     window: int,
     batch_frames: int,
-) -> tuple[int, int]:
-    """Decode, label and write one shard; returns (samples, failures).
+) -> TaskStats | None:
+    """Decode, label and write one shard; returns its stats (None when another run took the task over).
 
     Takes no CPU of its own: it mostly waits on its decodes and labelling calls, and the driver bounds how many
     shard tasks run at once. Results are added in input order, so the shard equals the local engine's.
     """
     items = iter(task.inputs)
     decoding: deque[tuple[VideoInput, ray.ObjectRef]] = deque()
-    labelling: deque[ray.ObjectRef] = deque()
-    batch: list[Decoded] = []
     turns = itertools.count(task.index)  # round robin over the actors, shard tasks starting at different ones
 
     def refill() -> None:
         while len(decoding) < window and (item := next(items, None)) is not None:
             decoding.append((item, decode_task.remote(item, config)))
 
-    with TaskWriter(RunLayout(out_dir), task) as writer:
+    def decoded() -> Iterator[Decoded]:
         refill()
         while decoding:
-            batch.append(_fetch(*decoding.popleft()))
+            result = _fetch(*decoding.popleft())
             refill()
-            if not decoding or frame_count(batch) >= batch_frames:
-                labelling.append(teachers[next(turns) % len(teachers)].label.remote(batch))
-                batch = []
-            while len(labelling) > LABEL_CALLS_IN_FLIGHT or (labelling and not decoding):
-                writer.add(ray.get(labelling.popleft()))
-    return writer.samples, len(writer.failures)
+            yield result
+
+    def label(batch: list[Decoded]) -> Pending:
+        ref = teachers[next(turns) % len(teachers)].label.remote(batch)
+        return lambda: ray.get(ref)
+
+    return run_task(task, RunLayout(out_dir), decoded(), label, batch_frames, LABEL_CALLS_IN_FLIGHT, claim)
+
+
+def _join(address: str) -> None:
+    """Join a running cluster (with its token: see :mod:`soundnet.ingest.ray_auth`); a refusal says what to set."""
+    try:
+        ray.init(address=address)
+    except (ConnectionError, RayError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(
+            f"--ray-address {address}: cannot join the Ray cluster ({first}). Check that `ray start --head` runs "
+            f"there and that the address and port are right. {AUTH_HELP}"
+        ) from exc
 
 
 def _connect(address: str | None, cpus: int, gpus: int) -> None:
     """Join the cluster at ``address``, or start a Ray on this machine for this run (stopped by ray.shutdown)."""
     if address:
-        try:
-            ray.init(address=address)
-        except ConnectionError as exc:
-            raise RunError(f"--ray-address {address}: no Ray cluster to join ({exc})") from exc
+        _join(address)
         return
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # started by us: no usage reports to the internet
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False)
@@ -161,54 +169,62 @@ def _teacher_pool(
     return pool, short_side
 
 
-def run_ray(
-    tasks: Sequence[ShardTask],
-    layout: RunLayout,
-    config: IngestConfig,
-    specs: Sequence[TeacherSpec],
-    device: str,
-    batch_frames: int,
-    workers: int,
-    address: str | None = None,
-    teacher_actors: int | None = None,
-    on_progress: Callable[[int, int], None] = lambda samples, failures: None,
-) -> None:
-    """Turn every task into its shard and ledger parts on Ray; ``on_progress(samples, failures)`` per shard.
+class RayEngine:
+    """``--engine ray``: shard tasks on the Ray cluster at ``address`` (default: a Ray started on this machine with
+    ``workers`` decoding CPUs plus one per teacher actor, stopped at the end), ``teacher_actors`` teacher actors
+    (default: one per GPU). Raises RunError when shard tasks still fail after their retries; the finished ones
+    stay, and ``--resume`` redoes the rest."""
 
-    Without ``address`` a Ray is started on this machine with ``workers`` decoding CPUs (plus one per teacher
-    actor) and stopped at the end. Raises RunError when shard tasks still fail after their retries; the finished
-    ones stay, and ``--resume`` redoes the rest.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise RunError(f"--device {device}: on Ray each teacher actor is given its own GPU; use auto, cpu or cuda")
-    if not tasks:
-        return
-    import torch
+    def __init__(
+        self,
+        specs: Sequence[TeacherSpec],
+        device: str,
+        batch_frames: int,
+        workers: int,
+        address: str | None = None,
+        teacher_actors: int | None = None,
+    ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise RunError(f"--device {device}: on Ray each teacher actor is given its own GPU; use auto, cpu or cuda")
+        self.specs, self.device, self.batch_frames, self.workers = specs, device, batch_frames, workers
+        self.address, self.teacher_actors = address, teacher_actors
+        self.pool: list[ActorHandle] = []
 
-    gpus = 0 if device == "cpu" else torch.cuda.device_count()
-    _connect(address, workers + (teacher_actors or max(gpus, 1)), gpus)
-    try:
-        pool, short_side = _teacher_pool(specs, device, batch_frames, teacher_actors)
-        config = replace(config, short_side=short_side)
-        window = max(8, 2 * math.ceil(batch_frames / config.max_frames))  # decodes ahead, per shard task
-        decode_cpus = int(ray.cluster_resources().get("CPU", 0)) - len(pool)
-        in_flight = max(2, len(pool) + 1, math.ceil(2 * decode_cpus / window))
-        queue, running, failed = deque(tasks), {}, []
-        while queue or running:
-            while queue and len(running) < in_flight:
-                task = queue.popleft()
-                running[write_shard.remote(task, str(layout.out_dir), config, pool, window, batch_frames)] = task
+    def start(self) -> int:
+        import torch
+
+        gpus = 0 if self.device == "cpu" else torch.cuda.device_count()
+        _connect(self.address, self.workers + (self.teacher_actors or max(gpus, 1)), gpus)
+        self.pool, short_side = _teacher_pool(self.specs, self.device, self.batch_frames, self.teacher_actors)
+        return short_side
+
+    def run(self, work: Work, layout: RunLayout, config: IngestConfig, on_task: OnTask) -> None:
+        window = max(8, 2 * math.ceil(self.batch_frames / config.max_frames))  # decodes ahead, per shard task
+        decode_cpus = int(ray.cluster_resources().get("CPU", 0)) - len(self.pool)
+        in_flight = max(2, len(self.pool) + 1, math.ceil(2 * decode_cpus / window))
+        todo, running, failed = iter(work), {}, []
+        while True:
+            while len(running) < in_flight and (next_work := next(todo, None)) is not None:
+                task, claim = next_work
+                ref = write_shard.remote(task, claim, str(layout.out_dir), config, self.pool, window, self.batch_frames)
+                running[ref] = task
+            if not running:
+                break
             done, _ = ray.wait(list(running), num_returns=1)
             task = running.pop(done[0])
             try:
-                on_progress(*ray.get(done[0]))
+                stats = ray.get(done[0])
             except RayError as exc:
                 failed.append(f"shard task {task.index}: {str(exc).strip().splitlines()[-1]}")
-        layout.sweep_temporaries()  # what killed attempts left behind; no writer runs any more
-    finally:
-        ray.shutdown()
-    if failed:
-        raise RunError(
-            f"{len(failed)} of {len(tasks)} shard tasks failed after {TASK_RETRIES} retries "
-            f"({'; '.join(failed[:3])}); the others are complete: run again with --resume to redo these"
-        )
+                continue
+            if stats is not None:
+                on_task(stats)
+        if failed:
+            raise RunError(
+                f"{len(failed)} shard tasks failed after {TASK_RETRIES} retries ({'; '.join(failed[:3])}); "
+                "the others are complete: run again with --resume to redo these"
+            )
+
+    def close(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()

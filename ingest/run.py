@@ -1,31 +1,39 @@
-"""One `ingest run`: read the list, check the output folder, resume or start, run an engine, merge the ledgers."""
+"""One `ingest run`: read the list, load the teachers, start or join the run in the output folder, let an engine
+write the tasks this run claims, and (when no task is left) merge the ledgers and write ``summary.json``.
+
+Several runs may work on one ``--out`` at once (``--resume`` on every one of them, e.g. one per node of a
+cluster over a shared filesystem): the first creates ``run.json``, the others join it when their manifest is
+the same (and are refused when not); each task is written by exactly one of them (:mod:`soundnet.ingest.claims`).
+A run ends when no task is left to claim; the last to finish merges the ledgers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from soundnet.ingest.claims import CLAIM_TIMEOUT_S, Claims
+from soundnet.ingest.config import IngestConfig, ShardTask, make_tasks
+from soundnet.ingest.engine import Engine, Work
+from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import read_video_list
-from soundnet.ingest.pipeline import Decoded, IngestConfig, Labeller, make_tasks
-from soundnet.shards.atomic import atomic_path
+from soundnet.ingest.stats import TaskStats, run_summary
+from soundnet.shards.contract import ClipLayout
 from soundnet.shards.ledger import RunLayout
 
 log = logging.getLogger(__name__)
-
-
-class RunError(Exception):
-    """The run cannot start or cannot continue (bad output folder, mismatched resume)."""
 
 
 @dataclass
@@ -37,6 +45,7 @@ class RunSummary:
     seconds: float = 0.0
     tasks_run: int = 0
     tasks_skipped: int = 0
+    tasks_elsewhere: int = 0  # still being written by other runs on the same --out: the run is not merged yet
 
     @property
     def videos_per_s(self) -> float:
@@ -49,48 +58,115 @@ def _check_writable(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
-        raise RunError(f"--out {out} is not writable: {exc}") from exc
+        raise RunError(f"--out {out} is not writable ({exc.strerror or exc}): choose another folder") from None
+
+
+@contextlib.contextmanager
+def _disk_errors(out: Path) -> Iterator[None]:
+    """A full or read-only disk is the user's to fix: one clear message, no traceback; finished work is kept."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC or "No space left on device" in str(exc):  # pyarrow's have no errno
+            raise RunError(
+                f"no space left on device while writing to --out {out}: finished shards are complete and kept; "
+                "free space (or move the run folder) and run again with --resume"
+            ) from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise RunError(f"cannot write to --out {out} ({exc.strerror}): {exc.filename}") from None
+        raise
 
 
 def _manifest(inputs, config: IngestConfig, teacher_specs: list[str]) -> dict:
-    """What must stay the same for a resumed run to continue the same shards."""
+    """What must stay the same for a resumed or joining run to continue the same shards."""
     listing = "\n".join(f"{i.source}\t{i.key}" for i in inputs)
     return {
         "inputs": len(inputs),
         "inputs_sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "teachers": teacher_specs,
         "config": dataclasses.asdict(config),
+        "layout": config.layout.to_json(),
     }
 
 
-def _start_or_resume(layout: RunLayout, manifest: dict, resume: bool) -> None:
-    path = layout.out_dir / "run.json"
-    if path.exists():
-        if not resume:
-            raise RunError(f"{layout.out_dir} already holds a run: pass --resume to continue it, or choose a new --out")
-        previous = json.loads(path.read_text())
-        changed = [k for k in manifest if previous.get(k) != manifest[k]]
-        if changed:
-            raise RunError(f"--resume with different {', '.join(changed)} than the run in {layout.out_dir}")
-        removed = layout.sweep_temporaries()
-        if removed:
-            log.info("resume: removed %d leftovers of unfinished tasks", len(removed))
-        return
-    if layout.shard_paths() or layout.completed_tasks():
-        raise RunError(f"{layout.out_dir} holds shards but no run.json; refusing to mix runs")
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+def _refuse_existing(layout: RunLayout, resume: bool) -> None:
+    if layout.manifest_path.exists() and not resume:
+        raise RunError(f"{layout.out_dir} already holds a run: pass --resume to continue it, or choose a new --out")
 
 
-def _ray_engine() -> Callable[..., None]:
-    """``run_ray``, imported only for ``--engine ray``: Ray is an optional extra."""
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Write ``path`` complete and only if it does not exist yet (of runs starting at once, one creates it)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        from soundnet.ingest.ray_engine import run_ray
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _start_or_join(layout: RunLayout, manifest: dict, resume: bool) -> bool:
+    """Create the run's ``run.json``, or check the one there; True when continuing (or joining) a run."""
+    if not layout.manifest_path.exists():
+        if layout.shard_paths() or layout.completed_tasks():
+            raise RunError(f"{layout.out_dir} holds shards but no run.json; refusing to mix runs")
+        if _create_exclusive(layout.manifest_path, json.dumps(manifest, indent=2) + "\n"):
+            return False
+    _refuse_existing(layout, resume)
+    previous = json.loads(layout.manifest_path.read_text())
+    previous["layout"] = ClipLayout.from_json(previous.get("layout")).to_json()  # runs before it was recorded
+    changed = [k for k in manifest if previous.get(k) != manifest[k]]
+    if changed:
+        raise RunError(
+            f"--resume with different {', '.join(changed)} than the run in {layout.out_dir}: "
+            "use the same --videos and options, or choose a new --out"
+        )
+    return True
+
+
+def _claimed(tasks: Sequence[ShardTask], layout: RunLayout, claims: Claims) -> Work:
+    """The tasks this run gets to write, claimed one by one as the engine draws them."""
+    for task in tasks:
+        if layout.is_complete(task.index) or (claim := claims.claim(task.index)) is None:
+            continue
+        if layout.is_complete(task.index):  # finished by another run just before we claimed it
+            claims.release(claim)
+            continue
+        yield task, claim
+
+
+def _engine(
+    name: str,
+    specs: list,
+    device: str,
+    batch_frames: int,
+    workers: int,
+    ray_address: str | None,
+    ray_teachers: int | None,
+) -> Engine:
+    if name == "local":
+        from soundnet.ingest.local import LocalEngine
+
+        return LocalEngine(specs, device, batch_frames, workers)
+    if name != "ray":
+        raise RunError(f"unknown engine {name!r}")
+    if ray_address:
+        from soundnet.ingest.ray_auth import use_token_if_present
+
+        use_token_if_present()  # before Ray is imported: it reads RAY_AUTH_MODE once
+    try:  # imported only for --engine ray: Ray is an optional extra
+        from soundnet.ingest.ray_engine import RayEngine
     except ModuleNotFoundError as exc:
         if exc.name != "ray":
             raise
         raise RunError(f"--engine ray needs Ray ({exc}): pip install 'soundnet-distill[ray]'") from exc
-    return run_ray
+    return RayEngine(specs, device, batch_frames, workers, ray_address, ray_teachers)
 
 
 def run_ingest(
@@ -105,62 +181,108 @@ def run_ingest(
     batch_frames: int = 64,
     ray_address: str | None = None,
     ray_teachers: int | None = None,
+    claim_timeout_s: float = CLAIM_TIMEOUT_S,
 ) -> RunSummary:
     """Run stage one; returns counts. Failures of single inputs are data (the ledger), not exceptions.
 
     ``engine`` "ray" runs on the Ray cluster at ``ray_address`` (default: a Ray started on this machine), with
     ``ray_teachers`` teacher actors (default: one per GPU). Weights files are checked here unless they are only
-    needed on the machines of a cluster joined by address.
+    needed on the machines of a cluster joined by address. The teachers are loaded before ``run.json`` is
+    written, so weights that fail to load leave nothing that blocks the corrected rerun.
     """
-    from soundnet.teachers import load_teacher, parse_specs
+    from soundnet.teachers import parse_specs
 
     start = time.perf_counter()
-    if engine == "ray":  # before anything is written
-        run_ray = _ray_engine()
     inputs = read_video_list(videos)
     specs = parse_specs(teacher_specs, check_weights=engine == "local" or ray_address is None)
     layout = RunLayout(out)
     _check_writable(layout.out_dir)
-    _start_or_resume(layout, _manifest(inputs, config, [str(s) for s in specs]), resume)
+    _refuse_existing(layout, resume)
+    runner = _engine(engine, specs, device, batch_frames, workers, ray_address, ray_teachers)
+    try:
+        config = dataclasses.replace(config, short_side=runner.start())  # the size the teachers want
+        with _disk_errors(layout.out_dir):
+            joined = _start_or_join(layout, _manifest(inputs, config, [str(s) for s in specs]), resume)
+            with Claims(layout, claim_timeout_s) as claims:
+                return _run(runner, layout, inputs, config, claims, joined, start, engine, workers)
+    finally:
+        runner.close()
 
+
+def _run(
+    runner: Engine,
+    layout: RunLayout,
+    inputs: list,
+    config: IngestConfig,
+    claims: Claims,
+    joined: bool,
+    start: float,
+    engine: str,
+    workers: int,
+) -> RunSummary:
+    if joined:
+        removed = layout.sweep_temporaries(busy=claims.live_others(), min_age_s=claims.timeout_s)
+        if removed:
+            log.info("resume: removed %d leftovers of unfinished tasks", len(removed))
     tasks = make_tasks(inputs, config.samples_per_shard)
     todo = [t for t in tasks if not layout.is_complete(t.index)]
+    others = claims.live_others()
+    if joined and others:
+        log.info("joining the run in %s: %d shard tasks are being written by other runs", layout.out_dir, len(others))
     log.info("%d inputs in %d shard tasks; %d to run", len(inputs), len(tasks), len(todo))
 
-    counts: Counter[str] = Counter()
+    done: list[TaskStats] = []
     with tqdm(total=sum(len(t.inputs) for t in todo), unit="video", desc="ingest", dynamic_ncols=True) as bar:
 
-        def on_progress(ok: int, failed: int) -> None:
-            counts.update(ok=ok, failed=failed)
-            bar.update(ok + failed)
-            bar.set_postfix(ok=counts["ok"], failed=counts["failed"], refresh=False)
+        def on_task(stats: TaskStats) -> None:
+            claims.release(claims.held(stats.task))
+            done.append(stats)
+            bar.update(stats.inputs)
+            bar.set_postfix(samples=sum(s.samples for s in done), failed=bar.n - sum(s.samples for s in done))
 
-        def on_result(d: Decoded) -> None:
-            on_progress(int(d.clip is not None), int(d.clip is None))
+        while todo:  # again while tasks of runs that stopped meanwhile can be taken over
+            before = len(done)
+            runner.run(_claimed(todo, layout, claims), layout, config, on_task)
+            todo = [t for t in todo if not layout.is_complete(t.index)]
+            if len(done) == before:
+                break
 
-        if engine == "local":
-            from soundnet.ingest.local import run_local
-
-            labeller = Labeller([load_teacher(spec, device) for spec in specs], batch_size=batch_frames)
-            config = dataclasses.replace(config, short_side=labeller.short_side)
-            run_local(todo, layout, config, labeller, workers, on_result)
-        elif engine == "ray":
-            run_ray(todo, layout, config, specs, device, batch_frames, workers, ray_address, ray_teachers, on_progress)
-        else:
-            raise RunError(f"unknown engine {engine!r}")
-
-    index_path, failures_path = layout.finalize()
-    index, failures = pq.read_table(index_path), pq.read_table(failures_path)
-    reasons = Counter(failures.column("reason").to_pylist())
+    layout.sweep_temporaries(busy=claims.live_others(), min_age_s=claims.timeout_s)
+    ran = sum(s.inputs for s in done)
     summary = RunSummary(
         inputs=len(inputs),
-        samples=index.num_rows,
-        failures=failures.num_rows,
-        reasons=dict(reasons.most_common()),
+        samples=sum(s.samples for s in done),
+        failures=ran - sum(s.samples for s in done),
         seconds=time.perf_counter() - start,
-        tasks_run=len(todo),
-        tasks_skipped=len(tasks) - len(todo),
+        tasks_run=len(done),
+        tasks_skipped=len(tasks) - len(todo) - len(done),
+        tasks_elsewhere=len(todo),
     )
-    if summary.samples + summary.failures != summary.inputs:
-        raise RunError(f"ledgers hold {summary.samples} samples + {summary.failures} failures for {len(inputs)} inputs")
+    if todo:
+        return summary  # the last run to finish merges
+    layout.finalize()
+    totals = run_summary(
+        layout,
+        {
+            "engine": engine,
+            "workers": workers,
+            "wall_s": round(summary.seconds, 3),
+            "tasks_run": len(done),
+            "inputs_run": ran,
+        },
+    )
+    summary.samples, summary.failures = totals["samples"], totals["failures"]
+    summary.reasons = totals["failures_by_reason"]
+    _check_ledgers(layout, totals, len(inputs))
     return summary
+
+
+def _check_ledgers(layout: RunLayout, totals: dict, inputs: int) -> None:
+    import pyarrow.parquet as pq
+
+    rows = (pq.read_metadata(layout.index_path).num_rows, pq.read_metadata(layout.failures_path).num_rows)
+    if rows != (totals["samples"], totals["failures"]) or sum(rows) != inputs:
+        raise RunError(
+            f"ledgers hold {rows[0]} samples + {rows[1]} failures, the shard stats {totals['samples']} + "
+            f"{totals['failures']}, for {inputs} inputs"
+        )

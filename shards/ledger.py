@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,13 @@ FAILURE_SCHEMA = pa.schema(
     ]
 )
 SCHEMAS: dict[str, pa.Schema] = {"index": INDEX_SCHEMA, "failures": FAILURE_SCHEMA}
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default
 
 
 def _schema(kind: str) -> pa.Schema:
@@ -91,15 +99,17 @@ def merge_parts(part_paths: Iterable[str | os.PathLike], out_path: str | os.Path
     return Path(out_path)
 
 
-_TASK_RE = re.compile(r"shard-(\d{6,})\.(?:tar|index\.parquet|failures\.parquet)")
+_TASK_RE = re.compile(r"shard-(\d{6,})(?:\.tar|\.index\.parquet|\.failures\.parquet|_stats\.json)")
+_TEMP_TASK_RE = re.compile(r"\.shard-(\d{6,})[._].*\.tmp")
 
 
 class RunLayout:
     """Names of everything in a run directory, and the bookkeeping that makes a run resumable.
 
-    ``OUT/shard-000012.tar``, ``OUT/parts/shard-000012.index.parquet``,
-    ``OUT/parts/shard-000012.failures.parquet``, and after ``finalize`` ``OUT/index.parquet`` and
-    ``OUT/failures.parquet``.
+    ``OUT/shard-000012.tar``, its statistics ``OUT/shard-000012_stats.json``,
+    ``OUT/parts/shard-000012.index.parquet``, ``OUT/parts/shard-000012.failures.parquet``, the claim of a run
+    writing it ``OUT/claims/shard-000012.claim``, and after ``finalize`` ``OUT/index.parquet``,
+    ``OUT/failures.parquet`` (and ``OUT/summary.json``, written by ``ingest run``).
     """
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
@@ -107,9 +117,18 @@ class RunLayout:
         self.parts_dir = self.out_dir / "parts"
         self.index_path = self.out_dir / "index.parquet"
         self.failures_path = self.out_dir / "failures.parquet"
+        self.claims_dir = self.out_dir / "claims"
+        self.manifest_path = self.out_dir / "run.json"
+        self.summary_path = self.out_dir / "summary.json"
 
     def shard_path(self, task: int) -> Path:
         return self.out_dir / f"shard-{task:06d}.tar"
+
+    def stats_path(self, task: int) -> Path:
+        return self.out_dir / f"shard-{task:06d}_stats.json"
+
+    def claim_path(self, task: int) -> Path:
+        return self.claims_dir / f"shard-{task:06d}.claim"
 
     def part_paths(self, task: int) -> tuple[Path, Path]:
         """(index part, failures part) of a task."""
@@ -139,20 +158,28 @@ class RunLayout:
         """Existing shard files, in task order."""
         return [self.shard_path(t) for t in sorted(self._tasks_in(self.out_dir)) if self.shard_path(t).exists()]
 
-    def sweep_temporaries(self) -> list[Path]:
-        """Delete what a killed run left: ``.*.tmp`` files, and shards and parts of incomplete tasks.
+    def sweep_temporaries(self, busy: Collection[int] = (), min_age_s: float = 0.0) -> list[Path]:
+        """Delete what a killed run left: ``.*.tmp`` files, and shards, stats and parts of incomplete tasks.
 
-        Call before resuming, with no writer running. Returns the removed paths.
+        Tasks in ``busy`` (held by a live run) are left alone, and so are temporaries of no task (a ledger or
+        summary being written) younger than ``min_age_s``. Returns the removed paths.
         """
+        now = time.time()
         removed: list[Path] = []
         for folder in (self.out_dir, self.parts_dir):
-            if folder.is_dir():
-                removed += [p for p in folder.glob(".*.tmp") if p.is_file()]
+            for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+                task = _TEMP_TASK_RE.fullmatch(path.name)
+                if task is not None and int(task.group(1)) in busy:
+                    continue
+                if task is None and now - _mtime(path, now) < min_age_s:
+                    continue
+                removed.append(path)
         for task in self._tasks_in(self.out_dir) | self._tasks_in(self.parts_dir):
-            if not self.is_complete(task):
-                removed += [p for p in (self.shard_path(task), *self.part_paths(task)) if p.exists()]
+            if task not in busy and not self.is_complete(task):
+                paths = (self.shard_path(task), self.stats_path(task), *self.part_paths(task))
+                removed += [p for p in paths if p.exists()]
         for path in removed:
-            path.unlink()
+            path.unlink(missing_ok=True)
         return sorted(removed)
 
     def finalize(self) -> tuple[Path, Path]:

@@ -273,8 +273,8 @@ def test_clip_long_file_gives_four_frames() -> None:
     assert len(clip.audio.samples) == 20 * SAMPLE_RATE
     assert all(f.shape == (256, 455, 3) for f in clip.frames)
     meta = json.loads(json.dumps(clip.meta(), allow_nan=False))
-    assert meta["video_codec"] == "vp8" and meta["audio_codec"] == "vorbis" and meta["sample_rate"] == 44100
-    assert meta["channels"] == 2 and meta["width"] == 1280 and meta["fps"] == 24.0 and meta["seek"] == "accurate"
+    assert meta["video_codec"] == "vp8" and meta["audio_codec"] == "vorbis" and meta["source_sample_rate"] == 44100
+    assert meta["source_channels"] == 2 and meta["width"] == 1280 and meta["fps"] == 24.0 and meta["seek"] == "accurate"
     assert meta["container_duration_s"] == pytest.approx(30.003)
     assert len(meta["frame_times_s"]) == 4
 

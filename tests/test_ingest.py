@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import json
 import os
 import re
 import signal
@@ -176,12 +177,19 @@ def test_kill_and_resume(tmp_path) -> None:
     done_before = sorted(p.name for p in (out / "parts").glob("*.index.parquet"))
     assert 2 <= len(done_before) < 5, "the run should have been killed midway"
     assert not (out / "index.parquet").exists()
+    assert list((out / "claims").glob("*.claim")), "the killed run held claims: the resume must take them over"
     first_shards = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
 
     result = ingest(*args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already done" in result.stdout
     assert_exactly_once(out, sources)
+    summary = json.loads((out / "summary.json").read_text())  # over both runs' shards
+    index, failures = ledgers(out)
+    assert (summary["samples"], summary["failures"], summary["inputs"]) == (len(index), len(failures), len(sources))
+    assert summary["tasks"] == 5 and summary["last_run"]["tasks_run"] == 5 - len(done_before)
+    assert sorted(p.name for p in out.glob("shard-*_stats.json")) == [f"shard-{i:06d}_stats.json" for i in range(5)]
+    assert not list((out / "claims").iterdir())
     for name in done_before:  # finished shards are kept, not redone
         shard = name.replace(".index.parquet", ".tar")
         assert (out / shard).stat().st_mtime_ns == first_shards[shard]

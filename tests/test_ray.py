@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,41 @@ def test_resume_on_an_existing_cluster(netns, local_run, tmp_path) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-00000[0-3].tar")} == kept
     assert_exactly_once(out, sources)
     assert_same_samples(out, reference)
+
+
+RECIPE_PORT = 6390  # any free port: the recipe runs in its own network namespace
+
+
+@pytest.mark.slow
+def test_the_readme_cluster_recipe(netns, local_run, tmp_path) -> None:
+    """The README's recipe, run as a user runs it: a token, `ray start --head`, `ingest run --ray-address`,
+    `ray stop` (Ray 2.60's `ray start` turns token authentication on when a token exists). The driver finds the
+    token in ~/.ray; a driver without it is refused with a message that says what to set."""
+    reference, sources = local_run
+    home, out = tmp_path / "home", tmp_path / "out"
+    (home / "elsewhere").mkdir(parents=True)
+    listing = video_list(tmp_path, sources)
+    address = f"127.0.0.1:{RECIPE_PORT}"
+    run = shlex.join(ingest_cmd(listing, out, "--engine", "ray", "--ray-address", address))
+    tokenless = shlex.join(ingest_cmd(listing, tmp_path / "other", "--engine", "ray", "--ray-address", address))
+    script = f"""
+        ray get-auth-token --generate > /dev/null || exit 90
+        ray start --head --port {RECIPE_PORT} --disable-usage-stats --include-dashboard=false --num-cpus 3 || exit 91
+        {run}; rc=$?
+        HOME={home / "elsewhere"} {tokenless}; echo "tokenless exit $?"
+        ray stop > /dev/null
+        exit $rc
+    """
+    env = {k: v for k, v in RAY_ENV.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    result = subprocess.run(loopback_only(["sh", "-c", script]), capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (home / ".ray" / "auth_token").is_file()
+    assert "16 inputs: 13 samples, 3 failures (no_audio 3)" in result.stdout
+    assert_exactly_once(out, sources)
+    assert_same_samples(out, reference)
+    assert "tokenless exit 1" in result.stdout
+    assert "cannot join the Ray cluster" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
 
 
 def descendants(root: int) -> dict[int, str]:
