@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from soundnet.shards.contract import AUDIO_DTYPE, AUDIO_SCALE, DEFAULT_LAYOUT, ClipLayout
 from soundnet.shards.reader import SampleSpan, read_raw, scan_shard
 from soundnet.shards.schema import Sample, decode_sample
+from soundnet.student.model import SoundNet
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,14 @@ def align(layout: ClipLayout, steps: int, step_samples: int, sample_rate: int, w
     if pool >= 1 and math.isclose(pool * layout.slot_seconds, step_seconds):
         return Alignment(layout, steps, step_samples, pool=pool)
     return Alignment(layout, steps, step_samples, repeat=repeat)
+
+
+def model_alignment(model: SoundNet, layout: ClipLayout, where: str) -> Alignment:
+    """:func:`align` for ``model``'s output steps on a training clip and the rate its input must have."""
+    steps = model.output_length(model.head_names[0], CLIP_SAMPLES)
+    if CLIP_SAMPLES % steps:
+        raise ValueError(f"{model.config.arch} gives {steps} output steps for a {CLIP_SAMPLES}-sample clip")
+    return align(layout, steps, CLIP_SAMPLES // steps, model.config.sample_rate, where)
 
 
 def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) -> dict[str, Any]:

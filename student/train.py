@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.reader import expand_shards
 from soundnet.student.checkpoint import OutputError, read_checkpoint, save_checkpoint, writing
-from soundnet.student.data import CLIP_SAMPLES, Clips, HeldOut, ShardSet, align, make_loader, scan_shards, to_device
+from soundnet.student.data import Clips, HeldOut, ShardSet, make_loader, model_alignment, scan_shards, to_device
 from soundnet.student.distributed import Dist, all_sum, gather_digests, gather_objects, init_distributed, shutdown
 from soundnet.student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
 from soundnet.student.model import ModelConfig, SoundNet, build_model
@@ -177,10 +177,7 @@ def _build(
     """The model (the same initial weights on every rank: seeded) and its clips, aligned to its output steps."""
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(cfg.arch, shards.heads))
-    steps = model.output_length(model.head_names[0], CLIP_SAMPLES)
-    if CLIP_SAMPLES % steps:
-        raise ValueError(f"{cfg.arch} gives {steps} output steps for a {CLIP_SAMPLES}-sample clip: not a whole step")
-    alignment = align(shards.layout, steps, CLIP_SAMPLES // steps, model.config.sample_rate, shards.urls[0])
+    alignment = model_alignment(model, shards.layout, shards.urls[0])
     if alignment.pool > 1 or alignment.repeat > 1:
         log.info(
             "clip layout %s s slots: %s", shards.layout.slot_seconds,
