@@ -205,19 +205,7 @@ def scan_shards(
     kept = {url: v for url, v in found.items() if url not in excluded}
     if not kept:
         raise ValueError(f"no shard has the student's teachers {_teachers(heads or {})}: {_named(excluded)}")
-    layouts = _group(kept, lambda v: v[2])
-    if layout is not None and set(layouts) != {layout}:
-        raise ValueError(
-            f"clip layouts differ from the training shards' {_describe(layout)}: "
-            + "; ".join(f"{_describe(lay)} in {_named(us)}" for lay, us in layouts.items() if lay != layout)
-            + f"; {FIX}"
-        )
-    if len(layouts) > 1:
-        raise ValueError(
-            "the shards were made with different clip layouts: "
-            + "; ".join(f"{_describe(lay)} in {_named(us)}" for lay, us in layouts.items())
-            + f". Train on one layout: pass only matching shards, or {FIX}"
-        )
+    _check_one_layout(_group(kept, lambda v: v[2]), layout)
     first = next(iter(kept.values()))
     return ShardSet(
         urls=list(kept),
@@ -227,6 +215,22 @@ def scan_shards(
         damaged=damaged,
         excluded=excluded,
     )
+
+
+def _check_one_layout(layouts: dict[ClipLayout, list[str]], wanted: ClipLayout | None) -> None:
+    """Refuse shards made with different clip layouts (or another than ``wanted``), naming them."""
+    if wanted is not None and set(layouts) != {wanted}:
+        raise ValueError(
+            f"clip layouts differ from the training shards' {_describe(wanted)}: "
+            + "; ".join(f"{_describe(lay)} in {_named(us)}" for lay, us in layouts.items() if lay != wanted)
+            + f"; {FIX}"
+        )
+    if len(layouts) > 1:
+        raise ValueError(
+            "the shards were made with different clip layouts: "
+            + "; ".join(f"{_describe(lay)} in {_named(us)}" for lay, us in layouts.items())
+            + f". Train on one layout: pass only matching shards, or {FIX}"
+        )
 
 
 def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout]:

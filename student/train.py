@@ -92,7 +92,7 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
     say = log.info if where.is_main else log.debug  # rank 0 alone reports
     if where.is_main:
         _prepare_out(out)
-    shards, held_out_shards = _scan(cfg, say)
+    shards, held_out_shards = _scan(cfg, log.warning if where.is_main else log.debug)
     model, clips, held_out = _build(cfg, shards, held_out_shards, where)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     start, broken = _resume(cfg, out, model, optimizer, shards, say)
@@ -154,7 +154,7 @@ def _prepare_out(out: Path) -> None:
         log.info("removed %d temporary file(s) left by a killed run: %s", len(stale), ", ".join(p.name for p in stale))
 
 
-def _scan(cfg: TrainConfig, say) -> tuple[ShardSet, ShardSet | None]:
+def _scan(cfg: TrainConfig, warn) -> tuple[ShardSet, ShardSet | None]:
     """Index the training (and held-out) shards, checking they share one teacher set and clip layout."""
     shards = scan_shards(expand_shards(cfg.shards), exclude_mismatched=cfg.exclude_mismatched)
     held_out = None
@@ -165,9 +165,9 @@ def _scan(cfg: TrainConfig, say) -> tuple[ShardSet, ShardSet | None]:
         )  # fmt: skip
     for found in (shards, held_out):
         for url, why in (found.excluded if found else {}).items():
-            log.warning("left out %s (--exclude-mismatched): %s, not the run's teachers %s", url, why, shards.heads)
+            warn("left out %s (--exclude-mismatched): %s, not the run's teachers %s", url, why, shards.heads)
         for url, damage in (found.damaged if found else {}).items():
-            say("damaged shard %s: %s; its complete samples are used", url, damage)
+            warn("damaged shard %s: %s; its complete samples are used", url, damage)
     return shards, held_out
 
 
@@ -315,7 +315,8 @@ class Window:
         for what in gather_objects(self.new_broken, self.where):
             if what not in self.broken:
                 self.broken[what] = None
-                log.warning("skipped %s", what)
+                if self.where.is_main:
+                    log.warning("skipped %s", what)
         elapsed = time.perf_counter() - self.start
         self.loss = means[0] / world
         if not math.isfinite(self.loss):
