@@ -2,7 +2,8 @@
 
 A checkpoint is a plain dict saved with ``torch.save`` that loads with ``torch.load(..., weights_only=True)``:
 ``{"format": "soundnet-checkpoint", "version": 2, "config": {...}, "model": state_dict, ...}``; training adds
-``optimizer``, ``step`` and ``rng`` entries. Version 2 added the input convention to the config (``sample_rate``,
+``optimizer``, ``step``, ``rng``, ``broken`` (the broken samples met so far) and ``data`` (what fixes the data
+order: seed, shards, sample counts) entries. Version 2 added the input convention to the config (``sample_rate``,
 ``input_scale``); a version 1 checkpoint has the released model's convention (22050 Hz, x256), the defaults.
 """
 

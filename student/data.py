@@ -361,6 +361,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds drawn here, not from the global RNG
     )
 
 

@@ -308,13 +308,16 @@ def test_a_good_run_plus_a_cut_shard_a_non_tar_and_another_teacher_set_trains_wi
     real_shards: Path, tmp_path: Path
 ) -> None:
     import shutil
+    import tarfile
 
     from tests.test_student_data import write_shards
 
     shards = tmp_path / "shards"
     shutil.copytree(real_shards, shards, ignore=shutil.ignore_patterns("*.parquet", "*.json", "parts"))
     whole = (shards / "shard-000003.tar").read_bytes()
-    (shards / "shard-000004.tar").write_bytes(whole[: len(whole) * 2 // 3])  # cut mid-member
+    with tarfile.open(shards / "shard-000003.tar") as tar:
+        last_audio = [m for m in tar.getmembers() if m.name.endswith(".audio.npy")][-1]
+    (shards / "shard-000004.tar").write_bytes(whole[: last_audio.offset_data + last_audio.size // 2])  # mid-member
     (shards / "shard-000005.tar").write_text("this is not a tar file\n" * 50)
     (tmp_path / "other").mkdir()
     (other,) = write_shards(tmp_path / "other", [["x"]])  # teachers imagenet 10, places 6
