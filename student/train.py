@@ -215,7 +215,8 @@ def _resume(
 
 def _find_checkpoint(cfg: TrainConfig, folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """``last.pt``, else the newest readable ``step-N.pt``, with its state; None to start at step 0."""
-    candidates = [p for p in [folder / "last.pt", *sorted(folder.glob("step-*.pt"), reverse=True)] if p.exists()]
+    steps = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    candidates = [p for p in [folder / "last.pt", *reversed(steps)] if p.exists()]
     if not candidates:
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s yet, starting at step 0", folder)

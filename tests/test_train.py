@@ -343,10 +343,10 @@ def test_a_good_run_plus_a_cut_shard_a_non_tar_and_another_teacher_set_trains_wi
 
 # ---- exact resumption, the newest intact checkpoint, clear write errors ----------------------------------------
 def small_run(shards: Path, out: Path, steps: int, workers: int = 0, **options) -> TrainConfig:
+    options = {"checkpoint_every": 2, **options}
     return TrainConfig(
-        shards=[str(shards)], out=str(out), steps=steps, batch_size=2, workers=workers, checkpoint_every=2,
-        log_every=1, seed=3, **options,
-    )  # fmt: skip
+        shards=[str(shards)], out=str(out), steps=steps, batch_size=2, workers=workers, log_every=1, seed=3, **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -425,3 +425,31 @@ def test_a_full_disk_and_a_read_only_out_are_one_clear_line(synthetic_shards: Pa
     assert read_only.returncode == 1 and "Traceback" not in read_only.stderr
     errors = [line for line in read_only.stderr.splitlines() if "Error" in line]
     assert errors == [f"Error: cannot write {tmp_path}/ro/run: read-only file system: choose another --out"]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(
+    synthetic_shards: Path, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    whole = train(small_run(synthetic_shards, tmp_path / "whole", 6, arch="soundnet5", checkpoint_every=3))
+    out = tmp_path / "killed"
+    args = [
+        "--steps", "6", "--arch", "soundnet5", "--batch-size", "2", "--workers", "1", "--seed", "3",
+        "--checkpoint-every", "3", "--log-every", "1",
+    ]  # fmt: skip
+    cmd = [str(BIN / "student"), "train", "--shards", str(synthetic_shards), "--out", str(out), *args]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "step-0000003.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_checkpoint(out / "checkpoints" / "step-0000003.pt")["step"] == 3
+    resumed = student_train(synthetic_shards, out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start_step"] == 3 and summary["weights_sha256"] == whole["weights_sha256"]
