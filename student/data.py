@@ -142,10 +142,27 @@ def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) ->
             raise ValueError(f"posteriors[{name!r}] has non-finite values")
     if len({r.shape[0] for r in rows.values()}) > 1:
         raise ValueError(f"teachers disagree on the number of frames: { {n: r.shape[0] for n, r in rows.items()} }")
+    check_frames(next(iter(rows.values())).shape[0], sample.meta.get("duration_s"), alignment.layout)
     stepped = {name: alignment.rows(r) for name, r in rows.items()}
     audio, targets = tile_clip(audio, stepped, alignment.steps, alignment.step_samples)
     targets = {name: r.astype(np.float16) for name, r in targets.items()}
     return {"key": sample.key, "audio": audio, "targets": targets}
+
+
+def check_frames(frames: int, duration_s: Any, layout: ClipLayout) -> None:
+    """Refuse a clip whose frame count is not what ingest gives a clip of its duration under ``layout``
+    (``min(frames_per_clip, floor(D / slot))``, at least 1): it was made with another layout than it records,
+    e.g. shards made with ``--frame-interval 2.5`` before layouts were recorded."""
+    if not isinstance(duration_s, (int, float)) or not duration_s > 0:
+        raise ValueError(f"meta 'duration_s' is {duration_s!r}, not a positive number of seconds")
+    slots = duration_s / layout.slot_seconds
+    most = max(1, min(layout.frames_per_clip, math.floor(slots + 1e-6)))
+    least = max(1, min(layout.frames_per_clip, math.floor(slots - 1e-6)))
+    if not least <= frames <= most:
+        raise ValueError(
+            f"{frames} frame(s) for {duration_s:g} s of video do not fit its clip layout {_describe(layout)} "
+            f"(that gives {most}): it was made with another --frame-interval or --max-frames than it records"
+        )
 
 
 # ---- the shard set --------------------------------------------------------------------------------------------
@@ -188,9 +205,15 @@ def scan_shards(
             damaged[url] = index.damage
         if index.samples:
             try:
-                found[url] = (index.samples, *_header(index.first_meta))
+                heads_found, layout_found, frames, duration_s = _header(index.first_meta)
             except ValueError as exn:
                 damaged[url] = f"{exn}; the shard is skipped"
+                continue
+            try:
+                check_frames(frames, duration_s, layout_found)
+            except ValueError as exn:
+                raise ValueError(f"{url}: its first sample's {exn}; {FIX}") from exn
+            found[url] = (index.samples, heads_found, layout_found)
     if not found:
         raise ValueError(f"none of the {len(urls)} shard(s) holds a readable sample: {_named(damaged)}")
     sets = _group(found, lambda v: json.dumps(v[1], sort_keys=True))
@@ -233,18 +256,20 @@ def _check_one_layout(layouts: dict[ClipLayout, list[str]], wanted: ClipLayout |
         )
 
 
-def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout]:
-    """The teachers with class counts and the clip layout that a shard's first sample records."""
+def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout, int, Any]:
+    """The teachers with class counts, the clip layout, the frame count and the duration a shard's first sample
+    records."""
     try:
         meta = json.loads(meta_bytes) if meta_bytes is not None else None
         teachers = meta["teachers"]
         heads = {str(name): int(info["classes"]) for name, info in teachers.items()}
         layout = ClipLayout.from_json(meta.get("layout"))
+        frames = len(meta["frame_times_s"])
     except (TypeError, KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exn:
         raise ValueError(f"its first sample has no readable teachers and layout in its json ({exn!r})") from exn
     if not heads:
         raise ValueError("its first sample names no teachers")
-    return heads, layout
+    return heads, layout, frames, meta.get("duration_s")
 
 
 def _group(found: dict[str, Any], signature) -> dict[Any, list[str]]:

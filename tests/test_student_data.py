@@ -70,13 +70,16 @@ def make_sample(
 
 
 def write_shards(folder: Path, keys_per_shard: list[list[str]], seconds: float = 6.0, **options) -> list[str]:
-    """Valid shards of short clips (one frame each, so reading them is cheap)."""
+    """Valid shards of short clips (6 s: one frame each in the paper's layout, so reading them is cheap), with
+    the frames ingest takes from a clip of ``seconds`` under the ``layout`` option."""
+    layout = options.get("layout") or DEFAULT_LAYOUT
+    frames = max(1, min(layout.frames_per_clip, int(seconds // layout.slot_seconds)))
     paths = []
     for i, keys in enumerate(keys_per_shard):
         path = folder / f"shard-{i:06d}.tar"
         with ShardWriter(path) as writer:
             for j, key in enumerate(keys):
-                writer.write(make_sample(key, frames=1, seconds=seconds, seed=i * 3 + j, **options))
+                writer.write(make_sample(key, frames=frames, seconds=seconds, seed=i * 3 + j, **options))
         paths.append(str(path))
     return paths
 
@@ -189,6 +192,18 @@ def test_layouts_that_do_not_fit_the_steps_are_refused_with_the_fix(layout: Clip
     assert f"{layout.slot_seconds:g} s slots at {layout.sample_rate} Hz" in message  # what was found
     assert "5 s slots at 22050 Hz" in message  # what is expected
     assert "ingest run --frame-interval 5 --max-frames 4" in message  # the fix
+
+
+def test_shards_made_with_another_layout_than_they_record_are_refused(tmp_path: Path) -> None:
+    """Shards from before layouts were recorded read as the paper's; 8 frames for 20 s cannot be that."""
+    path = tmp_path / "shard-000000.tar"
+    with ShardWriter(path) as writer:
+        writer.write(make_sample("a", frames=8, seconds=20.0))  # --frame-interval 2.5, no layout recorded
+    with pytest.raises(ValueError, match="8 frame.*20 s.*4 frames x 5 s slots") as refused:
+        scan_shards([str(path)])
+    assert str(path) in str(refused.value) and "ingest run --frame-interval 5 --max-frames 4" in str(refused.value)
+    with pytest.raises(ValueError, match="2 frame.*20 s"):  # --frame-interval 10, no layout recorded
+        make_example(make_sample("b", frames=2, seconds=20.0), HEADS, PAPER)
 
 
 def test_shards_made_with_different_layouts_are_refused_naming_them(tmp_path: Path) -> None:
