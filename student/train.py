@@ -182,7 +182,7 @@ def _build(
         log.info(
             "clip layout %s s slots: %s", shards.layout.slot_seconds,
             f"{alignment.pool} frames averaged per output step" if alignment.pool > 1
-            else f"each frame's row repeated for {alignment.repeat} output steps; audio past 20 s is not used",
+            else f"each frame's row repeated for {alignment.repeat} steps; clips over 20 s train on the first 20 s",
         )  # fmt: skip
     held_out = None
     if held_out_shards is not None:
@@ -195,8 +195,9 @@ def _resume(
 ) -> tuple[int, list[str]]:
     """Load the newest intact checkpoint when resuming: returns the step it is at and the broken samples met."""
     found = _find_checkpoint(cfg, out / "checkpoints")
+    damage = [f"{url}: {what}" for url, what in shards.damaged.items()]  # counted once, with the run's earlier finds
     if found is None:
-        return 0, [f"{url}: {damage}" for url, damage in shards.damaged.items()]
+        return 0, damage
     path, state = found
     saved = state["config"]
     if saved["arch"] != cfg.arch or saved["heads"] != shards.heads:
@@ -210,7 +211,7 @@ def _resume(
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     say("resuming from %s at step %d", path, state["step"])
-    return state["step"], list(state.get("broken", []))
+    return state["step"], list(dict.fromkeys([*state.get("broken", []), *damage]))
 
 
 def _find_checkpoint(cfg: TrainConfig, folder: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -280,6 +280,7 @@ def test_150_steps_at_batch_8_cut_the_loss_and_resume_to_160(real_shards: Path, 
 
 
 # ---- the clip contract, one teacher set, damage --------------------------------------------------------------
+@pytest.mark.slow
 def test_half_step_layout_trains_and_a_layout_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     from soundnet.shards.contract import ClipLayout
     from tests.test_student_data import write_shards
@@ -304,6 +305,7 @@ def test_half_step_layout_trains_and_a_layout_that_does_not_fit_is_refused(tmp_p
     assert mixed.returncode == 1 and "different clip layouts" in mixed.stderr
 
 
+@pytest.mark.slow
 def test_a_good_run_plus_a_cut_shard_a_non_tar_and_another_teacher_set_trains_with_two_workers(
     real_shards: Path, tmp_path: Path
 ) -> None:
@@ -412,6 +414,7 @@ def in_namespace(script: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_a_full_disk_and_a_read_only_out_are_one_clear_line(synthetic_shards: Path, tmp_path: Path) -> None:
     train_cmd = f"{BIN / 'student'} train --shards {synthetic_shards} --steps 2 --arch soundnet5 --workers 0"
     (tmp_path / "small").mkdir(), (tmp_path / "ro").mkdir()
