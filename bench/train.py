@@ -1,9 +1,9 @@
 """Benchmark: training throughput (clips/s) of SoundNet8 on 20 s clips, batch 64 by default.
 
-* our loop (:func:`student.train.train`: WebDataset loader in worker processes, int16 audio pinned and converted
-  to float on the device, bf16 autocast on CUDA, ``--compile`` for torch.compile) against a plain eager float32
-  loop on the same shards (samples read one after another in the main process, float32 made on the CPU, no
-  autocast, no compile), both with the same loss and Adam step;
+* our loop (:func:`student.train.train`: each step's clips read by index in loader worker processes, int16 audio
+  pinned and converted to float on the device, bf16 autocast on CUDA, ``--compile`` for torch.compile) against a
+  plain eager float32 loop on the same shards (samples read one after another in the main process, float32 made
+  on the CPU, no autocast, no compile), both with the same loss and Adam step;
 * the data loader alone (batches read and copied to the device, no model) against the training step alone (one
   batch kept on the device, our step and the eager float32 one), which says which of the two bounds the loop.
 
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from soundnet.shards.contract import AUDIO_SCALE, SAMPLE_RATE
-from soundnet.shards.reader import expand_shards, iter_samples
+from soundnet.shards.contract import AUDIO_SCALE, FRAMES_PER_CLIP, SAMPLE_RATE
+from soundnet.shards.reader import expand_shards
 from soundnet.shards.schema import Sample
 from soundnet.shards.writer import ShardWriter
-from soundnet.student.data import CLIP_SAMPLES, SLOTS, discover_heads, make_example, make_loader, to_device
+from soundnet.student.data import CLIP_SAMPLES, Clips, make_loader, model_alignment, scan_shards, to_device
 from soundnet.student.distributed import resolve_device
 from soundnet.student.model import ModelConfig, build_model
 from soundnet.student.train import TrainConfig, train, train_step
@@ -55,7 +55,7 @@ def synthetic_shards(folder: Path, clips: int, per_shard: int) -> list[str]:
         path = folder / f"shard-{first // per_shard:06d}.tar"
         with ShardWriter(path) as writer:
             for i in range(first, min(first + per_shard, clips)):
-                logits = {n: rng.normal(scale=3.0, size=(SLOTS, c)) for n, c in HEADS.items()}
+                logits = {n: rng.normal(scale=3.0, size=(FRAMES_PER_CLIP, c)) for n, c in HEADS.items()}
                 writer.write(
                     Sample(
                         key=f"clip{i:06d}",
@@ -67,7 +67,7 @@ def synthetic_shards(folder: Path, clips: int, per_shard: int) -> list[str]:
                         meta={
                             "source": f"synthetic/{i}",
                             "duration_s": CLIP_SAMPLES / SAMPLE_RATE,
-                            "frame_times_s": [2.5 + 5 * t for t in range(SLOTS)],
+                            "frame_times_s": [2.5 + 5 * t for t in range(FRAMES_PER_CLIP)],
                             "teachers": teachers,
                             "tool_version": "bench",
                         },
@@ -112,20 +112,20 @@ def our_loop(urls: list[str], args: argparse.Namespace, out: Path) -> float:
     return json.loads(last)["clips_per_s"]
 
 
-def plain_batches(urls: list[str], heads: dict[str, int], batch_size: int) -> Iterator[dict]:
-    """The same clips as our loop, read one by one in this process, as float32."""
-    samples = itertools.chain.from_iterable(iter_samples(urls) for _ in itertools.count())
+def plain_batches(clips: Clips, batch_size: int) -> Iterator[dict]:
+    """The same clips as our loop, read one by one in this process, in order, as float32."""
+    indices = itertools.cycle(range(len(clips)))
     while True:
-        batch = default_collate([make_example(next(samples), heads) for _ in range(batch_size)])
+        batch = default_collate([clips.example(next(indices)) for _ in range(batch_size)])
         batch["audio"] = batch["audio"].float() / AUDIO_SCALE
         batch["targets"] = {n: t.float() for n, t in batch["targets"].items()}
         yield batch
 
 
-def plain_loop(urls: list[str], heads: dict[str, int], args: argparse.Namespace, device: torch.device) -> float:
+def plain_loop(clips: Clips, args: argparse.Namespace, device: torch.device) -> float:
     """Eager float32, data read in the main process, nothing overlapped."""
-    net, optimizer = fresh_model(heads, device)
-    batches = plain_batches(urls, heads, args.batch_size)
+    net, optimizer = fresh_model(clips.shards.heads, device)
+    batches = plain_batches(clips, args.batch_size)
 
     def step() -> None:
         batch = next(batches)
@@ -136,18 +136,24 @@ def plain_loop(urls: list[str], heads: dict[str, int], args: argparse.Namespace,
     return clips_per_s(step, args.steps, args.batch_size, device)
 
 
-def loader_alone(urls: list[str], heads: dict[str, int], args: argparse.Namespace, device: torch.device) -> float:
+def our_batches(clips: Clips, args: argparse.Namespace, workers: int, device: torch.device) -> Iterator[dict]:
+    steps = 2 * args.steps + 1  # warm-up and timed steps
+    loader = make_loader(
+        clips, args.batch_size, seed=0, start=0, steps=steps, workers=workers, pin_memory=device.type == "cuda"
+    )
+    return iter(loader)
+
+
+def loader_alone(clips: Clips, args: argparse.Namespace, device: torch.device) -> float:
     """Our loader's batches, copied to the device and converted, with no model."""
-    batches = iter(make_loader(urls, heads, args.batch_size, workers=args.workers, pin_memory=device.type == "cuda"))
+    batches = our_batches(clips, args, args.workers, device)
     return clips_per_s(lambda: to_device(next(batches), device), args.steps, args.batch_size, device)
 
 
-def step_alone(
-    urls: list[str], heads: dict[str, int], args: argparse.Namespace, device: torch.device, ours: bool
-) -> float:
+def step_alone(clips: Clips, args: argparse.Namespace, device: torch.device, ours: bool) -> float:
     """Training steps on one batch kept on the device: ours (bf16 autocast on CUDA, --compile) or eager float32."""
-    x, targets = to_device(next(iter(make_loader(urls, heads, args.batch_size, workers=0, shuffle=0))), device)
-    net, optimizer = fresh_model(heads, device, compile_=ours and args.compile)
+    x, targets = to_device(next(our_batches(clips, args, 0, device)), device)
+    net, optimizer = fresh_model(clips.shards.heads, device, compile_=ours and args.compile)
     amp = ours and device.type == "cuda"
     return clips_per_s(lambda: train_step(net, optimizer, x, targets, amp), args.steps, args.batch_size, device)
 
@@ -173,13 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory() as tmp:
         urls = expand_shards(args.shards) if args.shards else synthetic_shards(Path(tmp), args.clips, 32)
-        heads = discover_heads(urls)
+        shards = scan_shards(urls)
+        clips = Clips(shards, model_alignment(fresh_model(shards.heads, device)[0], shards.layout, urls[0]))
         results = {
-            "data loader alone": loader_alone(urls, heads, args, device),
-            "training step alone (ours)": step_alone(urls, heads, args, device, ours=True),
-            "training step alone (eager fp32)": step_alone(urls, heads, args, device, ours=False),
+            "data loader alone": loader_alone(clips, args, device),
+            "training step alone (ours)": step_alone(clips, args, device, ours=True),
+            "training step alone (eager fp32)": step_alone(clips, args, device, ours=False),
             "our loop": our_loop(urls, args, Path(tmp) / "run"),
-            "plain eager fp32 loop": plain_loop(urls, heads, args, device),
+            "plain eager fp32 loop": plain_loop(clips, args, device),
         }
     b, n = args.batch_size, args.steps
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"

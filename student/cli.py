@@ -9,7 +9,7 @@ import click
 
 from soundnet.student.loss import KL_NORMS
 from soundnet.student.model import ARCHITECTURES
-from soundnet.student.train import NonFiniteLoss, TrainConfig, train
+from soundnet.student.train import NonFiniteLoss, OutputError, TrainConfig, train
 
 
 @click.group()
@@ -74,9 +74,6 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     "--temperature", type=click.FloatRange(min=0, min_open=True), default=_TRAIN.temperature, show_default=True
 )
 @click.option(
-    "--shuffle", type=click.IntRange(min=0), default=_TRAIN.shuffle, show_default=True, help="Shuffle buffer (clips)."
-)
-@click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=_TRAIN.workers,
@@ -91,13 +88,22 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
 @click.option("--val-shards", multiple=True, help="Held-out shards: KL and top-1 agreement with each teacher.")
 @click.option("--val-every", type=click.IntRange(min=1), default=_TRAIN.val_every, show_default=True)
 @click.option("--seed", type=int, default=_TRAIN.seed, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt up to --steps.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue up to --steps from OUT/checkpoints/last.pt, else the newest intact step-N.pt; exact (see README).",
+)
+@click.option(
+    "--exclude-mismatched",
+    is_flag=True,
+    help="Leave out shards whose teachers differ from the set most shards have, instead of refusing the run.",
+)
 def train_command(shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...], compile_: bool, **options) -> None:
     """Distil the teachers stored in the shards into a SoundNet; runs under torchrun for several GPUs or machines."""
     config = TrainConfig(shards=list(shards), out=str(out), val_shards=list(val_shards), compile=compile_, **options)
     try:
         train(config)
-    except (NonFiniteLoss, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (NonFiniteLoss, OutputError, FileNotFoundError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

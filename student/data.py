@@ -1,49 +1,58 @@
-"""The student's view of the shards: 20 s clips with one teacher row per output step, read with WebDataset.
+"""The student's view of the shards: 20 s clips with one teacher row per output step.
 
-Training reads an endless stream, so every rank takes exactly the steps it is told whatever the shard counts (no
-rank runs dry and leaves the others waiting in a collective). Each (rank, DataLoader worker) slot reads its own
-slice of the shards when there are at least as many shards as slots, otherwise all of them; it goes through them
-pass after pass, each pass in a fresh seeded order, through a shuffle buffer. A sample whose fields are broken
-(or the unreadable rest of a damaged shard) is skipped, logged once and counted; the count travels to the
-trainer with the next clip of the stream.
+**One checked shard set.** :func:`scan_shards` indexes every shard (``shards.reader.scan_shard``: the byte
+range of each complete sample) and reads each shard's header, the json of its first sample: the teachers with
+their class counts and the clip layout (``meta["layout"]``, a ``ClipLayout``; absent in shards made before it was
+recorded, which used the defaults). The student is built from that one teacher set: shards that disagree are
+refused, naming them, or left out with ``exclude_mismatched``; shards with different layouts are refused. Damaged
+shards keep their complete samples; the damage is counted once.
+
+**Frames to output steps.** SoundNet8 gives one output step per 5 s of a 20 s clip. A layout whose slots divide
+the step (2.5 s: two frames per step) is trained on the mean of the step's teacher distributions, i.e.
+``logsumexp(rows) - log m`` back in log-probs; a layout whose slots are a whole multiple of it (10 s) repeats
+each frame's row for the steps it covers. Anything else, or another sample rate or audio scale, is refused at
+start (:func:`align`). A clip shorter than the training clip is cut to whole steps and tiled (the paper's rule).
+
+**Exact, resumable order.** The batch of step ``s`` is a pure function of ``(seed, s)``: clip ``p`` of the run
+(``p = s x batch x ranks + rank x batch + i``) is entry ``p mod N`` of the seeded permutation of pass
+``p div N`` over the N indexed samples. Resuming at step k reads exactly what an uninterrupted run reads there,
+whatever the number of loader workers (they only read in parallel). A sample that turns out broken when read is
+replaced by the next sample in index order, so batches stay full; it is reported with the batch, and the trainer
+counts each broken sample once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import random
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from itertools import chain, islice
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from soundnet.shards.contract import AUDIO_SCALE, SAMPLE_RATE
-from soundnet.shards.reader import tar_samples
+from soundnet.shards.contract import AUDIO_DTYPE, AUDIO_SCALE, DEFAULT_LAYOUT, ClipLayout
+from soundnet.shards.reader import SampleSpan, read_raw, scan_shard
 from soundnet.shards.schema import Sample, decode_sample
+from soundnet.student.model import SoundNet
 
 log = logging.getLogger(__name__)
 
-SLOT_SECONDS = 5.0
-SLOTS = 4
-"""A training clip is SLOTS slots of SLOT_SECONDS (20 s): the network's output steps, one teacher frame each."""
-SLOT_SAMPLES = int(SLOT_SECONDS * SAMPLE_RATE)
-CLIP_SAMPLES = SLOTS * SLOT_SAMPLES
-SHUFFLE_INITIAL = 100
-"""Examples buffered before the first is yielded: a quick start; the buffer fills to its size as training runs."""
+CLIP_SAMPLES = DEFAULT_LAYOUT.clip_samples
+"""A training clip: the paper's 20 s, whatever the layout the shards were made with."""
+FIX = "re-run ingest with `ingest run --frame-interval 5 --max-frames 4` (the paper's layout)"
 
 
 def tile_clip(
-    audio: np.ndarray, posteriors: dict[str, np.ndarray], slots: int = SLOTS, slot_samples: int = SLOT_SAMPLES
+    audio: np.ndarray, posteriors: dict[str, np.ndarray], slots: int, slot_samples: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The paper's rule for clips with k < slots frames: cut the audio to k slots and tile it to the full length.
+    """The paper's rule for clips with k < slots rows: cut the audio to k slots and tile it to the full length.
 
     Teacher rows are tiled the same way (k = 3: rows a, b, c, a), so output step t still hears the audio that row t
-    describes. A clip shorter than one slot (one frame for the whole clip) is tiled whole. Clips with more frames
+    describes. A clip shorter than one slot (one row for the whole clip) is tiled whole. Clips with more rows
     than slots keep the first ``slots``.
     """
     k = min(next(iter(posteriors.values())).shape[0], slots)
@@ -52,15 +61,76 @@ def tile_clip(
     return tiled, rows
 
 
-def make_example(sample: Sample, heads: dict[str, int]) -> dict[str, Any]:
-    """A training example ``{"key", "audio": int16 [CLIP_SAMPLES], "targets": {head: float16 [SLOTS, C]}}``.
+@dataclass(frozen=True)
+class Alignment:
+    """How a layout's teacher frames map onto the network's output steps of a training clip.
+
+    ``pool`` frames are averaged (as distributions) into one step's row, or each frame's row is repeated for
+    ``repeat`` steps; both are 1 for the paper's layout.
+    """
+
+    layout: ClipLayout
+    steps: int
+    step_samples: int
+    pool: int = 1
+    repeat: int = 1
+
+    def rows(self, r: np.ndarray) -> np.ndarray:
+        """One float32 log-prob row per covered step, at most ``steps``, from a teacher's ``[F, C]`` frames."""
+        r = r.astype(np.float32)
+        if self.repeat > 1:
+            return np.repeat(r, self.repeat, axis=0)[: self.steps]
+        if self.pool == 1:
+            return r[: self.steps]
+        k = max(1, min(self.steps, r.shape[0] // self.pool))
+        groups = [r[t * self.pool : (t + 1) * self.pool] for t in range(k)]
+        return np.stack([_logsumexp(g) - math.log(len(g)) for g in groups])
+
+
+def align(layout: ClipLayout, steps: int, step_samples: int, sample_rate: int, where: str) -> Alignment:
+    """The alignment of ``layout`` to output steps of ``step_samples`` at ``sample_rate``, or ValueError saying
+    what was found in ``where``, what is expected and how to fix it."""
+    step_seconds = step_samples / sample_rate
+    ratio = step_seconds / layout.slot_seconds
+    pool, repeat = round(ratio), round(1 / ratio)
+    fits = (pool >= 1 and math.isclose(pool * layout.slot_seconds, step_seconds)) or (
+        repeat >= 1 and math.isclose(repeat * step_seconds, layout.slot_seconds)
+    )
+    same_audio = (layout.sample_rate, layout.audio_dtype, layout.audio_scale) == (
+        sample_rate,
+        AUDIO_DTYPE,
+        AUDIO_SCALE,
+    )
+    if not (fits and same_audio):
+        raise ValueError(
+            f"{where}: clip layout {_describe(layout)} does not fit the student, whose output steps are "
+            f"{step_seconds:g} s of {AUDIO_DTYPE} audio / {AUDIO_SCALE:g} at {sample_rate} Hz: slots must divide "
+            f"{step_seconds:g} s or be a whole multiple of it (expected e.g. {_describe(DEFAULT_LAYOUT)}); {FIX}"
+        )
+    if pool >= 1 and math.isclose(pool * layout.slot_seconds, step_seconds):
+        return Alignment(layout, steps, step_samples, pool=pool)
+    return Alignment(layout, steps, step_samples, repeat=repeat)
+
+
+def model_alignment(model: SoundNet, layout: ClipLayout, where: str) -> Alignment:
+    """:func:`align` for ``model``'s output steps on a training clip and the rate its input must have."""
+    steps = model.output_length(model.head_names[0], CLIP_SAMPLES)
+    if CLIP_SAMPLES % steps:
+        raise ValueError(f"{model.config.arch} gives {steps} output steps for a {CLIP_SAMPLES}-sample clip")
+    return align(layout, steps, CLIP_SAMPLES // steps, model.config.sample_rate, where)
+
+
+def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) -> dict[str, Any]:
+    """A training example ``{"key", "audio": int16 [CLIP_SAMPLES], "targets": {head: float16 [steps, C]}}``.
 
     Raises ValueError saying what is wrong when the sample cannot train ``heads`` (teachers the heads do not name
-    are ignored).
+    are ignored) or records another layout than its shard.
     """
     audio = sample.audio
     if audio.dtype != np.int16 or audio.ndim != 1 or audio.size == 0:
         raise ValueError(f"audio is {audio.dtype} {audio.shape}, expected non-empty int16 [T]")
+    if ClipLayout.from_json(sample.meta.get("layout")) != alignment.layout:
+        raise ValueError(f"its clip layout {sample.meta.get('layout')} differs from its shard's")
     missing = sorted(set(heads) - set(sample.posteriors))
     if missing:
         raise ValueError(f"no posteriors for teacher(s) {missing}")
@@ -72,172 +142,280 @@ def make_example(sample: Sample, heads: dict[str, int]) -> dict[str, Any]:
             raise ValueError(f"posteriors[{name!r}] has non-finite values")
     if len({r.shape[0] for r in rows.values()}) > 1:
         raise ValueError(f"teachers disagree on the number of frames: { {n: r.shape[0] for n, r in rows.items()} }")
-    audio, targets = tile_clip(audio, rows)
-    targets = {name: r.astype(np.float16, copy=False) for name, r in targets.items()}
+    check_frames(next(iter(rows.values())).shape[0], sample.meta.get("duration_s"), alignment.layout)
+    stepped = {name: alignment.rows(r) for name, r in rows.items()}
+    audio, targets = tile_clip(audio, stepped, alignment.steps, alignment.step_samples)
+    targets = {name: r.astype(np.float16) for name, r in targets.items()}
     return {"key": sample.key, "audio": audio, "targets": targets}
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """Stands in a stream for a sample that could not be used."""
-
-    where: str
-    reason: str
-
-
-def shard_examples(url: str, heads: dict[str, int]) -> Iterator[dict[str, Any] | Skipped]:
-    """The examples of one shard in order, with a Skipped marker for each broken sample.
-
-    A damaged tar ends the shard with one marker: the sample being read and whatever follows it are lost.
-    """
-    try:
-        for raw in tar_samples([url]):
-            where = f"{url}:{raw.get('__key__')}"
-            try:
-                yield make_example(decode_sample(raw), heads)
-            except ValueError as exn:
-                yield Skipped(where, str(exn))
-    except ValueError as exn:
-        yield Skipped(url, str(exn))
+def check_frames(frames: int, duration_s: Any, layout: ClipLayout) -> None:
+    """Refuse a clip whose frame count is not what ingest gives a clip of its duration under ``layout``
+    (``min(frames_per_clip, floor(D / slot))``, at least 1): it was made with another layout than it records,
+    e.g. shards made with ``--frame-interval 2.5`` before layouts were recorded."""
+    if not isinstance(duration_s, (int, float)) or not duration_s > 0:
+        raise ValueError(f"meta 'duration_s' is {duration_s!r}, not a positive number of seconds")
+    slots = duration_s / layout.slot_seconds
+    most = max(1, min(layout.frames_per_clip, math.floor(slots + 1e-6)))
+    least = max(1, min(layout.frames_per_clip, math.floor(slots - 1e-6)))
+    if not least <= frames <= most:
+        raise ValueError(
+            f"{frames} frame(s) for {duration_s:g} s of video do not fit its clip layout {_describe(layout)} "
+            f"(that gives {most}): it was made with another --frame-interval or --max-frames than it records"
+        )
 
 
-def discover_heads(urls: Sequence[str]) -> dict[str, int]:
-    """The teachers of the first readable sample and their class counts: the heads the student is built with."""
+# ---- the shard set --------------------------------------------------------------------------------------------
+@dataclass
+class ShardSet:
+    """The usable samples of a run's shards, with the one teacher set and clip layout they share."""
+
+    urls: list[str]
+    spans: list[list[SampleSpan]]
+    heads: dict[str, int]
+    layout: ClipLayout
+    damaged: dict[str, str] = field(default_factory=dict)  # url -> what is wrong; complete samples are kept
+    excluded: dict[str, str] = field(default_factory=dict)  # url -> why it was left out
+
+    def __post_init__(self) -> None:
+        self.offsets = np.cumsum([0] + [len(s) for s in self.spans])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[str, SampleSpan]:
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.urls[shard], self.spans[shard][index - int(self.offsets[shard])]
+
+
+def scan_shards(
+    urls: Sequence[str],
+    *,
+    heads: dict[str, int] | None = None,
+    layout: ClipLayout | None = None,
+    exclude_mismatched: bool = False,
+) -> ShardSet:
+    """Index ``urls`` and check they share one teacher set (``heads`` if given, else the one all shards name)
+    and one clip layout; raises ValueError naming the shards that disagree and the way out."""
+    found: dict[str, tuple[list[SampleSpan], dict[str, int], ClipLayout]] = {}
+    damaged: dict[str, str] = {}
     for url in urls:
+        index = scan_shard(url)
+        if index.damage is not None:
+            damaged[url] = index.damage
+        if index.samples:
+            try:
+                heads_found, layout_found, frames, duration_s = _header(index.first_meta)
+            except ValueError as exn:
+                damaged[url] = f"{exn}; the shard is skipped"
+                continue
+            try:
+                check_frames(frames, duration_s, layout_found)
+            except ValueError as exn:
+                raise ValueError(f"{url}: its first sample's {exn}; {FIX}") from exn
+            found[url] = (index.samples, heads_found, layout_found)
+    if not found:
+        raise ValueError(f"none of the {len(urls)} shard(s) holds a readable sample: {_named(damaged)}")
+    sets = _group(found, lambda v: json.dumps(v[1], sort_keys=True))
+    wanted = json.dumps(heads, sort_keys=True) if heads is not None else max(sets, key=lambda s: len(sets[s]))
+    excluded = {url: f"teachers {_teachers(found[url][1])}" for s, us in sets.items() if s != wanted for url in us}
+    if excluded and not exclude_mismatched:
+        listing = "; ".join(f"{_teachers(json.loads(s))} in {_named(us)}" for s, us in sets.items())
+        raise ValueError(
+            f"the shards do not share one teacher set: {listing}. Train on one set: pass only matching shards, "
+            f"or --exclude-mismatched to leave out all but {_teachers(json.loads(wanted))}"
+        )
+    kept = {url: v for url, v in found.items() if url not in excluded}
+    if not kept:
+        raise ValueError(f"no shard has the student's teachers {_teachers(heads or {})}: {_named(excluded)}")
+    _check_one_layout(_group(kept, lambda v: v[2]), layout)
+    first = next(iter(kept.values()))
+    return ShardSet(
+        urls=list(kept),
+        spans=[v[0] for v in kept.values()],
+        heads=first[1],
+        layout=first[2],
+        damaged=damaged,
+        excluded=excluded,
+    )
+
+
+def _check_one_layout(layouts: dict[ClipLayout, list[str]], wanted: ClipLayout | None) -> None:
+    """Refuse shards made with different clip layouts (or another than ``wanted``), naming them."""
+    if wanted is not None and set(layouts) != {wanted}:
+        raise ValueError(
+            f"clip layouts differ from the training shards' {_describe(wanted)}: "
+            + "; ".join(f"{_describe(lay)} in {_named(us)}" for lay, us in layouts.items() if lay != wanted)
+            + f"; {FIX}"
+        )
+    if len(layouts) > 1:
+        raise ValueError(
+            "the shards were made with different clip layouts: "
+            + "; ".join(f"{_describe(lay)} in {_named(us)}" for lay, us in layouts.items())
+            + f". Train on one layout: pass only matching shards, or {FIX}"
+        )
+
+
+def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout, int, Any]:
+    """The teachers with class counts, the clip layout, the frame count and the duration a shard's first sample
+    records."""
+    try:
+        meta = json.loads(meta_bytes) if meta_bytes is not None else None
+        teachers = meta["teachers"]
+        heads = {str(name): int(info["classes"]) for name, info in teachers.items()}
+        layout = ClipLayout.from_json(meta.get("layout"))
+        frames = len(meta["frame_times_s"])
+    except (TypeError, KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exn:
+        raise ValueError(f"its first sample has no readable teachers and layout in its json ({exn!r})") from exn
+    if not heads:
+        raise ValueError("its first sample names no teachers")
+    return heads, layout, frames, meta.get("duration_s")
+
+
+def _group(found: dict[str, Any], signature) -> dict[Any, list[str]]:
+    groups: dict[Any, list[str]] = {}
+    for url, value in found.items():
+        groups.setdefault(signature(value), []).append(url)
+    return groups
+
+
+def _named(urls: Any, most: int = 5) -> str:
+    urls = list(urls)
+    more = f" and {len(urls) - most} more" if len(urls) > most else ""
+    return f"{len(urls)} shard(s) " + ", ".join(urls[:most]) + more
+
+
+def _teachers(heads: dict[str, int]) -> str:
+    return "{" + ", ".join(f"{n} {c}" for n, c in heads.items()) + "}"
+
+
+def _describe(layout: ClipLayout) -> str:
+    return (
+        f"{layout.frames_per_clip} frames x {layout.slot_seconds:g} s slots at {layout.sample_rate} Hz, "
+        f"{layout.audio_dtype} / {layout.audio_scale:g}"
+    )
+
+
+def _logsumexp(rows: np.ndarray) -> np.ndarray:
+    top = rows.max(axis=0)
+    return top + np.log(np.exp(rows - top).sum(axis=0))
+
+
+# ---- reading clips ---------------------------------------------------------------------------------------------
+class Clips(Dataset):
+    """Training examples by index into a :class:`ShardSet`; item ``i`` also lists the broken samples met."""
+
+    def __init__(self, shards: ShardSet, alignment: Alignment) -> None:
+        self.shards = shards
+        self.alignment = alignment
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def example(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` as a training example; ValueError names the shard and key when it is broken."""
+        url, span = self.shards.locate(index)
         try:
-            for raw in tar_samples([url]):
-                try:
-                    sample = decode_sample(raw)
-                except ValueError:
-                    continue
-                shapes = {name: r.shape for name, r in sample.posteriors.items()}
-                if shapes and all(len(s) == 2 and s[1] >= 1 for s in shapes.values()):
-                    return {name: int(s[1]) for name, s in shapes.items()}
-        except ValueError:
-            continue
-    raise ValueError(f"none of the {len(urls)} shard(s) holds a readable sample with teacher posteriors")
+            return make_example(decode_sample(read_raw(url, span)), self.shards.heads, self.alignment)
+        except (ValueError, OSError) as exn:
+            raise ValueError(f"{url}:{span.key}: {exn}") from exn
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        broken = []
+        for offset in range(len(self)):
+            try:
+                return {**self.example((index + offset) % len(self)), "broken": broken}
+            except ValueError as exn:
+                broken.append(str(exn))
+        raise ValueError(f"no usable sample in {_named(self.shards.urls)}: {broken[:3]}...")
 
 
-class _SkipLog:
-    """Logs each broken sample once per process, however many passes the stream makes over it."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    def note(self, item: Skipped) -> None:
-        if item.where not in self.seen:
-            self.seen.add(item.where)
-            log.warning("skipped %s: %s", item.where, item.reason)
-
-
-class ClipStream(IterableDataset):
-    """Endless shuffled training examples for one rank; with DataLoader workers, each worker reads its own part.
-
-    ``seed`` and ``stream`` (the step the stream starts at, so a resumed run reads a fresh stream rather than
-    replaying the first one) fix the order. Each example carries ``skipped``: the broken samples met since the
-    previous example of the same worker.
-    """
+class StepBatches(Sampler[list[int]]):
+    """The sample indices of this rank's batch for each step from ``start`` to ``steps``: a function of (seed, step)."""
 
     def __init__(
-        self,
-        urls: Sequence[str],
-        heads: dict[str, int],
-        *,
-        shuffle: int = 500,
-        seed: int = 0,
-        stream: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        self, size: int, batch_size: int, *, seed: int, start: int, steps: int, rank: int = 0, world_size: int = 1
     ) -> None:
-        super().__init__()
-        self.urls = list(urls)
-        self.heads = dict(heads)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.stream = stream
-        self.rank = rank
-        self.world_size = world_size
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.steps, self.rank, self.world_size = start, steps, rank, world_size
+        self._pass: tuple[int, np.ndarray] | None = None
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        mine = self.urls[slot::slots] if len(self.urls) >= slots else self.urls
-        rng = random.Random(f"{self.seed}/{self.stream}/{slot}")
-        examples = self._endless(mine, rng)
-        if self.shuffle > 1:
-            examples = wds.shuffle(self.shuffle, initial=min(self.shuffle, SHUFFLE_INITIAL), rng=rng)(examples)
-        return examples
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
 
-    def _endless(self, urls: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
-        skips, skipped = _SkipLog(), 0
-        while True:
-            produced = 0
-            for url in rng.sample(urls, len(urls)):
-                for item in shard_examples(url, self.heads):
-                    if isinstance(item, Skipped):
-                        skips.note(item)
-                        skipped += 1
-                        continue
-                    produced += 1
-                    yield {**item, "skipped": skipped}
-                    skipped = 0
-            if not produced:
-                raise ValueError(f"no usable sample in {len(urls)} shard(s) {urls[:3]}...: every one was skipped")
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.batch(step) for step in range(self.start, self.steps))
+
+    def batch(self, step: int) -> list[int]:
+        """Indices for 0-based ``step``: positions ``step x batch x ranks + rank x batch + i`` of the endless order."""
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return [self._order(p // self.size)[p % self.size] for p in range(first, first + self.batch_size)]
+
+    def _order(self, pass_: int) -> list[int]:
+        if self._pass is None or self._pass[0] != pass_:
+            self._pass = pass_, np.random.default_rng([self.seed, pass_]).permutation(self.size).tolist()
+        return self._pass[1]
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation, with ``broken``: every broken sample met while reading the batch (a flat list)."""
+    broken = [what for e in examples for what in e["broken"]]
+    batch = default_collate([{k: v for k, v in e.items() if k != "broken"} for e in examples])
+    return {**batch, "broken": broken}
 
 
 def make_loader(
-    urls: Sequence[str],
-    heads: dict[str, int],
+    clips: Clips,
     batch_size: int,
     *,
+    seed: int,
+    start: int,
+    steps: int,
     workers: int = 2,
-    shuffle: int = 500,
-    seed: int = 0,
-    stream: int = 0,
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Endless batches ``{"key": [B], "audio": int16 [B, CLIP_SAMPLES], "targets": {head: float16 [B, SLOTS, C]},
-    "skipped": [B]}``."""
-    dataset = ClipStream(urls, heads, shuffle=shuffle, seed=seed, stream=stream, rank=rank, world_size=world_size)
+    """Batches for steps ``start + 1 .. steps``: ``{"key": [B], "audio": int16 [B, CLIP_SAMPLES],
+    "targets": {head: float16 [B, steps, C]}, "broken": [str]}``."""
+    sampler = StepBatches(len(clips), batch_size, seed=seed, start=start, steps=steps, rank=rank, world_size=world_size)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
+        clips,
+        batch_sampler=sampler,
+        collate_fn=collate,
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds drawn here, not from the global RNG
     )
 
 
 class HeldOut:
-    """One in-order pass over held-out shards, every ``world_size``-th sample for this rank, in batches.
+    """One in-order pass over held-out clips, every ``world_size``-th sample for this rank, in batches.
 
     ``skipped`` counts the broken samples this rank met in the last pass.
     """
 
-    def __init__(
-        self, urls: Sequence[str], heads: dict[str, int], batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.urls = list(urls)
-        self.heads = dict(heads)
+    def __init__(self, clips: Clips, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.clips = clips
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.skipped = 0
-        self._skips = _SkipLog()
+        self._logged: set[str] = set()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.skipped = 0
-        items = chain.from_iterable(shard_examples(url, self.heads) for url in self.urls)
         batch: list[dict[str, Any]] = []
-        for item in islice(items, self.rank, None, self.world_size):
-            if isinstance(item, Skipped):
-                self._skips.note(item)
+        for index in range(self.rank, len(self.clips), self.world_size):
+            try:
+                batch.append(self.clips.example(index))
+            except ValueError as exn:
                 self.skipped += 1
+                if str(exn) not in self._logged:
+                    self._logged.add(str(exn))
+                    log.warning("held-out sample skipped: %s", exn)
                 continue
-            batch.append(item)
             if len(batch) == self.batch_size:
                 yield default_collate(batch)
                 batch = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,15 @@ def all_sum(values: torch.Tensor, where: Dist) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_objects(items: list[Any], where: Dist) -> list[Any]:
+    """Every rank's ``items``, concatenated in rank order (``items`` itself on a single process)."""
+    if where.world_size == 1:
+        return items
+    lists: list[list[Any]] = [[] for _ in range(where.world_size)]
+    dist.all_gather_object(lists, items)
+    return [item for part in lists for item in part]
 
 
 def weights_digest(model: nn.Module) -> str:

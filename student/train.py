@@ -1,13 +1,19 @@
 """Stage two: distil the teachers' posteriors stored in the shards into a SoundNet, from the shards alone.
 
-One loop, readable top to bottom: set up (ranks, data, model, optimiser, resume), then step; every ``log_every``
-steps (and at checkpoint, validation and the last step) the loss is averaged over the steps since the last report
-and over ranks, checked to be finite, logged, and the held-out shards and checkpoints are done. Every rank takes
-the same steps from an endless stream, so no rank waits for another that ran out of data; rank 0 alone writes.
+Read it top to bottom: :func:`_train` sets up (run folder, shards, model, resume point, loader) in named helpers,
+then runs one loop of three paragraphs: the step; the report (loss averaged over the steps since the last report
+and over ranks, checked to be finite, logged) and held-out validation; the save. Every rank takes the same steps,
+each on its own part of every step's global batch, so no rank waits for another that ran out of data; rank 0
+alone writes.
 
-``--out`` holds ``metrics.jsonl`` (one object per report), ``checkpoints/last.pt`` and ``checkpoints/step-N.pt``
-(the checkpoint format of :mod:`student.checkpoint`, plus optimiser, step and RNG state) and, at the end,
+``--out`` holds ``metrics.jsonl`` (one object per report), ``loss.png`` (the loss curves, redrawn at every
+checkpoint), ``checkpoints/last.pt`` and ``checkpoints/step-N.pt`` (the checkpoint format of
+:mod:`student.checkpoint`, plus optimiser, step, RNG state and the broken samples met) and, at the end,
 ``summary.json``. It must be on a file system that every rank sees.
+
+Resuming is exact: the batch of every step is a function of the seed and the step (:mod:`student.data`), so a run
+stopped or killed at step k and resumed to n ends with the weights of an uninterrupted run to n, bit for bit, on
+the same shards, seed, device and number of ranks (the number of loader workers does not matter).
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.reader import expand_shards
-from soundnet.student.checkpoint import read_checkpoint, save_checkpoint
-from soundnet.student.data import CLIP_SAMPLES, SLOTS, HeldOut, discover_heads, make_loader, to_device
-from soundnet.student.distributed import Dist, all_sum, gather_digests, init_distributed, shutdown
+from soundnet.student.checkpoint import OutputError, read_checkpoint, save_checkpoint, writing
+from soundnet.student.data import Clips, HeldOut, ShardSet, make_loader, model_alignment, scan_shards, to_device
+from soundnet.student.distributed import Dist, all_sum, gather_digests, gather_objects, init_distributed, shutdown
 from soundnet.student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
 from soundnet.student.model import ModelConfig, SoundNet, build_model
+from soundnet.student.plots import write_loss_curves
 
 log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLoss", "OutputError", "TrainConfig", "train", "train_step"]
 
 
 @dataclass
@@ -52,7 +61,6 @@ class TrainConfig:
     kl_weight: float = KL_WEIGHT
     kl_norm: str = "mean"  # "mean" (the paper) or "sample" (see student.loss.KL_NORMS)
     temperature: float = 1.0
-    shuffle: int = 500  # shuffle buffer, in clips, per DataLoader worker
     workers: int = 4  # DataLoader workers per rank
     device: str = "auto"
     amp: bool = True  # bf16 autocast; CUDA only
@@ -63,6 +71,7 @@ class TrainConfig:
     val_every: int = 1000
     seed: int = 0
     resume: bool = False
+    exclude_mismatched: bool = False  # leave out shards with another teacher set instead of refusing
 
 
 class NonFiniteLoss(RuntimeError):
@@ -79,170 +88,180 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
-    device = where.device
-    say = log.info if where.is_main else log.debug  # rank 0 alone reports
     out = Path(cfg.out)
-    last_path = out / "checkpoints" / "last.pt"
-    urls = expand_shards(cfg.shards)
-    val_urls = expand_shards(cfg.val_shards) if cfg.val_shards else []
-    heads = discover_heads(urls)
-    state = _resume_state(cfg, last_path, heads)
-
-    # ---- model and optimiser (the same initial weights on every rank; DDP also broadcasts rank 0's) ----------
-    torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(cfg.arch, heads))
-    steps_per_clip = model.output_length(model.head_names[0], CLIP_SAMPLES)
-    if steps_per_clip != SLOTS:
-        raise ValueError(f"{cfg.arch} gives {steps_per_clip} output steps for a training clip, the data has {SLOTS}")
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        start = state["step"]
-        say("resuming from %s at step %d", last_path, start)
-    model.to(device)
+    say = log.info if where.is_main else log.debug  # rank 0 alone reports
+    if where.is_main:
+        _prepare_out(out)
+    shards, held_out_shards = _scan(cfg, log.warning if where.is_main else log.debug)
+    model, clips, held_out = _build(cfg, shards, held_out_shards, where)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-    net = torch.compile(model) if cfg.compile else model
-    if where.world_size > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    cuda = device.type == "cuda"
-    amp = cfg.amp and cuda
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
-
-    # ---- data ----------------------------------------------------------------------------------------------
+    start, broken = _resume(cfg, out, model, optimizer, shards, say)
+    net, amp = _wrap(model, cfg, where)
     loader = make_loader(
-        urls,
-        heads,
-        cfg.batch_size,
-        workers=cfg.workers,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        stream=start,
-        rank=where.rank,
-        world_size=where.world_size,
-        pin_memory=cuda,
-    )
-    held_out = HeldOut(val_urls, heads, cfg.batch_size, where.rank, where.world_size) if val_urls else None
+        clips, cfg.batch_size, seed=cfg.seed, start=start, steps=cfg.steps, workers=cfg.workers,
+        rank=where.rank, world_size=where.world_size, pin_memory=where.device.type == "cuda",
+    )  # fmt: skip
+    window = Window(cfg, where, shards.heads, broken, last_saved=start if start else None, data=_data_id(cfg, shards))
     metrics = _open_metrics(out / "metrics.jsonl", keep_until=start) if where.is_main else None
-    params = sum(p.numel() for p in model.parameters())
-    say(
-        "%s (%.1fM parameters, heads %s) on %d shard(s); batch %d x %d rank(s) on %s%s; steps %d -> %d",
-        cfg.arch,
-        params / 1e6,
-        ", ".join(f"{n} {c}" for n, c in heads.items()),
-        len(urls),
-        cfg.batch_size,
-        where.world_size,
-        device,
-        " (bf16 autocast)" if amp else "",
-        start,
-        cfg.steps,
-    )
+    _announce(cfg, model, shards, where, amp, start, say)
 
-    # ---- the loop ------------------------------------------------------------------------------------------
-    if start >= cfg.steps:
-        say("the checkpoint is at step %d already; nothing to do for --steps %d", start, cfg.steps)
     loss_fn = dict(weight=cfg.kl_weight, norm=cfg.kl_norm, temperature=cfg.temperature)
     batches = iter(loader)
-    sums = torch.zeros(1 + len(heads), dtype=torch.float64, device=device)  # loss, KL per head; since last report
-    skipped = 0  # broken samples met since the last report, this rank
-    skipped_total = 0  # all ranks, since this run started
-    last_saved = start if state is not None else None
-    record: dict[str, Any] = {}
-    run_start = window_start = time.perf_counter()
-    window_step, data_s = start, 0.0
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (where.is_main and sys.stderr.isatty()))
     with bar, logging_redirect_tqdm():
         for step in range(start + 1, cfg.steps + 1):
+            # ---- step: this rank's part of the step's batch, one optimiser step -----------------------------
             t = time.perf_counter()
             batch = next(batches)
-            x, targets = to_device(batch, device)
-            data_s += time.perf_counter() - t
-            sums += train_step(net, optimizer, x, targets, amp, **loss_fn).double()
-            skipped += int(batch["skipped"].sum())
+            x, targets = to_device(batch, where.device)
+            window.waited(time.perf_counter() - t)
+            window.add(train_step(net, optimizer, x, targets, amp, **loss_fn), batch["broken"])
             bar.update()
 
+            # ---- report and validate: means over the window and the ranks; a non-finite loss stops the run -
             final = step == cfg.steps
             save = step % cfg.checkpoint_every == 0 or final
             validate = held_out is not None and (step % cfg.val_every == 0 or final)
             if not (step % cfg.log_every == 0 or save or validate):
                 continue
-
-            # ---- report: means over the window's steps and over ranks; a non-finite loss stops the run ----
-            n = step - window_step
-            reduced = all_sum(torch.cat([sums / n, sums.new_tensor([skipped])]), where).tolist()
-            elapsed = time.perf_counter() - window_start
-            skipped_total += int(reduced[-1])
-            loss_value = reduced[0] / where.world_size
-            if not math.isfinite(loss_value):
-                span = f"step {step}" if n == 1 else f"steps {window_step + 1}-{step}"
-                raise NonFiniteLoss(_stopped(f"the loss is {loss_value} at {span}", last_saved, last_path))
-            record = {
-                "step": step,
-                "loss": loss_value,
-                **{f"kl_{name}": v / where.world_size for name, v in zip(heads, reduced[1:-1])},
-                "steps_per_s": n / elapsed,
-                "clips_per_s": n * cfg.batch_size * where.world_size / elapsed,
-                "data_wait": data_s / elapsed,
-                "skipped": skipped_total,
-                "lr": cfg.lr,
-                "elapsed_s": time.perf_counter() - run_start,
-            }
+            record = window.report(step, out)
             if validate:
                 record.update(_evaluate(model, held_out, loss_fn, amp, where))
             if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                with writing(metrics.name):
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
                 say(_progress_line(record, cfg.steps))
-                bar.set_postfix(loss=f"{loss_value:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
+
+            # ---- save: checkpoints and the loss curves (rank 0), after checking the weights are finite --------
             if save:
-                if not all(torch.isfinite(p).all() for p in model.parameters()):
-                    raise NonFiniteLoss(_stopped(f"the weights are not finite at step {step}", last_saved, last_path))
-                if where.is_main:
-                    extra = {
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "rng": _rng_state(),
-                        "train_config": dataclasses.asdict(cfg),
-                        "loss": loss_value,
-                    }
-                    if step % cfg.checkpoint_every == 0:
-                        save_checkpoint(last_path.with_name(f"step-{step:07d}.pt"), model, **extra)
-                    save_checkpoint(last_path, model, **extra)
-                last_saved = step
-            sums.zero_()
-            skipped, data_s = 0, 0.0
-            window_start, window_step = time.perf_counter(), step
-
-    # ---- the end: every rank must hold the same weights ----------------------------------------------------
-    digests = gather_digests(model, where)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks ended with different weights (sha256 per rank: {digests})")
-    trained = max(0, cfg.steps - start)
-    summary = {
-        "arch": cfg.arch,
-        "heads": heads,
-        "start_step": start,
-        "steps": max(cfg.steps, start),
-        "world_size": where.world_size,
-        "loss": record.get("loss"),
-        "clips_per_s": trained * cfg.batch_size * where.world_size / (time.perf_counter() - run_start),
-        "skipped": skipped_total,
-        "checkpoint": str(last_path) if last_saved is not None else None,
-        "weights_sha256": digests[0],
-        "rank_weights_sha256": digests,
-    }
-    if where.is_main:
+                _save(cfg, out, step, model, optimizer, window, where)
+    if metrics is not None:
         metrics.close()
-        with atomic_path(out / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    if trained:
-        say("step %d, loss %.4f; checkpoint %s", summary["steps"], summary["loss"], last_path)
-    return summary
+    return _finish(cfg, out, model, shards, start, window, where, say)
 
 
+# ---- setup ---------------------------------------------------------------------------------------------------
+def _prepare_out(out: Path) -> None:
+    """Make the run folder and sweep temporary files a killed run left (``.*.tmp``: partial checkpoints)."""
+    with writing(out):
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        stale = sorted(out.glob(".*.tmp")) + sorted((out / "checkpoints").glob(".*.tmp"))
+        for path in stale:
+            path.unlink()
+    if stale:
+        log.info("removed %d temporary file(s) left by a killed run: %s", len(stale), ", ".join(p.name for p in stale))
+
+
+def _scan(cfg: TrainConfig, warn) -> tuple[ShardSet, ShardSet | None]:
+    """Index the training (and held-out) shards, checking they share one teacher set and clip layout."""
+    shards = scan_shards(expand_shards(cfg.shards), exclude_mismatched=cfg.exclude_mismatched)
+    held_out = None
+    if cfg.val_shards:
+        held_out = scan_shards(
+            expand_shards(cfg.val_shards), heads=shards.heads, layout=shards.layout,
+            exclude_mismatched=cfg.exclude_mismatched,
+        )  # fmt: skip
+    for found in (shards, held_out):
+        for url, why in (found.excluded if found else {}).items():
+            warn("left out %s (--exclude-mismatched): %s, not the run's teachers %s", url, why, shards.heads)
+        for url, damage in (found.damaged if found else {}).items():
+            warn("damaged shard %s: %s; its complete samples are used", url, damage)
+    return shards, held_out
+
+
+def _build(
+    cfg: TrainConfig, shards: ShardSet, held_out_shards: ShardSet | None, where: Dist
+) -> tuple[SoundNet, Clips, HeldOut | None]:
+    """The model (the same initial weights on every rank: seeded) and its clips, aligned to its output steps."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(cfg.arch, shards.heads))
+    alignment = model_alignment(model, shards.layout, shards.urls[0])
+    if alignment.pool > 1 or alignment.repeat > 1:
+        log.info(
+            "clip layout %s s slots: %s", shards.layout.slot_seconds,
+            f"{alignment.pool} frames averaged per output step" if alignment.pool > 1
+            else f"each frame's row repeated for {alignment.repeat} steps; clips over 20 s train on the first 20 s",
+        )  # fmt: skip
+    held_out = None
+    if held_out_shards is not None:
+        held_out = HeldOut(Clips(held_out_shards, alignment), cfg.batch_size, where.rank, where.world_size)
+    return model.to(where.device), Clips(shards, alignment), held_out
+
+
+def _resume(
+    cfg: TrainConfig, out: Path, model: SoundNet, optimizer: torch.optim.Optimizer, shards: ShardSet, say
+) -> tuple[int, list[str]]:
+    """Load the newest intact checkpoint when resuming: returns the step it is at and the broken samples met."""
+    found = _find_checkpoint(cfg, out / "checkpoints")
+    damage = [f"{url}: {what}" for url, what in shards.damaged.items()]  # counted once, with the run's earlier finds
+    if found is None:
+        return 0, damage
+    path, state = found
+    saved = state["config"]
+    if saved["arch"] != cfg.arch or saved["heads"] != shards.heads:
+        raise ValueError(
+            f"{path} is a {saved['arch']} with heads {saved['heads']}; this run asks for {cfg.arch} "
+            f"and the shards give heads {shards.heads}"
+        )
+    if state.get("data") != _data_id(cfg, shards):
+        log.warning("%s was trained on other shards or another seed: the data order differs from its run", path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    say("resuming from %s at step %d", path, state["step"])
+    return state["step"], list(dict.fromkeys([*state.get("broken", []), *damage]))
+
+
+def _find_checkpoint(cfg: TrainConfig, folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``last.pt``, else the newest readable ``step-N.pt``, with its state; None to start at step 0."""
+    steps = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    candidates = [p for p in [folder / "last.pt", *reversed(steps)] if p.exists()]
+    if not candidates:
+        if cfg.resume:
+            log.warning("--resume: no checkpoint in %s yet, starting at step 0", folder)
+        return None
+    if not cfg.resume:
+        raise FileExistsError(f"{candidates[0]} exists: pass --resume to continue that run, or choose another --out")
+    for path in candidates:
+        try:
+            state = read_checkpoint(path)
+            if "optimizer" in state and "step" in state:
+                return path, state
+            log.warning("%s holds weights but no training state (optimizer, step): trying an older one", path)
+        except ValueError as exn:
+            log.warning("%s; trying an older checkpoint", exn)
+    raise ValueError(f"none of the checkpoints in {folder} can be resumed (see above): move them away to start over")
+
+
+def _wrap(model: SoundNet, cfg: TrainConfig, where: Dist) -> tuple[torch.nn.Module, bool]:
+    """The network the step runs (compiled, DDP across ranks) and whether bf16 autocast is on."""
+    device = where.device
+    net = torch.compile(model) if cfg.compile else model
+    if where.world_size > 1:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+    return net, cfg.amp and device.type == "cuda"
+
+
+def _announce(cfg: TrainConfig, model: SoundNet, shards: ShardSet, where: Dist, amp: bool, start: int, say) -> None:
+    say(
+        "%s (%.1fM parameters, heads %s) on %d clips in %d shard(s); batch %d x %d rank(s) on %s%s; steps %d -> %d",
+        cfg.arch, sum(p.numel() for p in model.parameters()) / 1e6,
+        ", ".join(f"{n} {c}" for n, c in shards.heads.items()), len(shards), len(shards.urls), cfg.batch_size,
+        where.world_size, where.device, " (bf16 autocast)" if amp else "", start, cfg.steps,
+    )  # fmt: skip
+    if start >= cfg.steps:
+        say("the checkpoint is at step %d already; nothing to do for --steps %d", start, cfg.steps)
+
+
+def _data_id(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
+    """What fixes the data order: the seed, the shards and their sample counts."""
+    return {"seed": cfg.seed, "shards": [[Path(u).name, len(s)] for u, s in zip(shards.urls, shards.spans)]}
+
+
+# ---- the loop's helpers --------------------------------------------------------------------------------------
 def train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -261,36 +280,113 @@ def train_step(
     return torch.stack([loss, *terms.values()]).detach()
 
 
-def _resume_state(cfg: TrainConfig, last_path: Path, heads: dict[str, int]) -> dict[str, Any] | None:
-    """The checkpoint to continue from, checked against this run, or None to start at step 0."""
-    if not last_path.exists():
-        if cfg.resume:
-            log.warning("--resume: %s does not exist yet, starting at step 0", last_path)
-        return None
-    if not cfg.resume:
-        raise FileExistsError(f"{last_path} exists: pass --resume to continue that run, or choose another --out")
-    state = read_checkpoint(last_path)
-    if "optimizer" not in state or "step" not in state:
-        raise ValueError(f"{last_path} holds weights but no training state (optimizer, step): it cannot be resumed")
-    saved = state["config"]
-    if saved["arch"] != cfg.arch or saved["heads"] != heads:
-        raise ValueError(
-            f"{last_path} is a {saved['arch']} with heads {saved['heads']}; this run asks for {cfg.arch} "
-            f"and the shards give heads {heads}"
-        )
-    return state
+class Window:
+    """The steps since the last report (loss sums, time waiting for data) and what the run carries across reports
+    and checkpoints: every broken sample, counted once; the last loss and checkpoint step; what fixes the data."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        where: Dist,
+        heads: dict[str, int],
+        broken: list[str],
+        last_saved: int | None,
+        data: dict[str, Any],
+    ) -> None:
+        self.cfg, self.where, self.heads, self.data = cfg, where, list(heads), data
+        self.broken = dict.fromkeys(broken)  # all ranks, since the run began (kept in checkpoints)
+        self.new_broken: list[str] = []  # this rank, since the last report
+        self.sums = torch.zeros(1 + len(heads), dtype=torch.float64, device=where.device)
+        self.last_saved = last_saved
+        self.loss: float | None = None
+        self.run_start = self.start = time.perf_counter()
+        self.first_step, self.steps, self.data_s = last_saved or 0, 0, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.data_s += seconds
+
+    def add(self, losses: torch.Tensor, broken: list[str]) -> None:
+        self.sums += losses.double()
+        self.new_broken += broken
+        self.steps += 1
+
+    def report(self, step: int, out: Path) -> dict[str, Any]:
+        """The window's record, reduced over ranks; raises NonFiniteLoss (naming the kept checkpoint) for NaN/inf."""
+        n, world = self.steps, self.where.world_size
+        means = all_sum(self.sums / n, self.where).tolist()
+        for what in gather_objects(self.new_broken, self.where):
+            if what not in self.broken:
+                self.broken[what] = None
+                if self.where.is_main:
+                    log.warning("skipped %s", what)
+        elapsed = time.perf_counter() - self.start
+        self.loss = means[0] / world
+        if not math.isfinite(self.loss):
+            span = f"step {step}" if n == 1 else f"steps {step - n + 1}-{step}"
+            raise NonFiniteLoss(self.stopped(f"the loss is {self.loss} at {span}", out))
+        record = {
+            "step": step,
+            "loss": self.loss,
+            **{f"kl_{name}": v / world for name, v in zip(self.heads, means[1:])},
+            "steps_per_s": n / elapsed,
+            "clips_per_s": n * self.cfg.batch_size * world / elapsed,
+            "data_wait": self.data_s / elapsed,
+            "skipped": len(self.broken),
+            "lr": self.cfg.lr,
+            "elapsed_s": time.perf_counter() - self.run_start,
+        }
+        self.sums.zero_()
+        self.new_broken, self.steps, self.data_s, self.start = [], 0, 0.0, time.perf_counter()
+        return record
+
+    def stopped(self, what: str, out: Path) -> str:
+        if self.last_saved is None:
+            kept = "no checkpoint had been written yet"
+        else:
+            kept = f"the last good checkpoint, {out / 'checkpoints' / 'last.pt'} (step {self.last_saved}), is kept"
+        return f"{what}: training stopped; {kept}. Try a lower --lr, or other --kl-norm / --temperature settings."
+
+
+def _save(
+    cfg: TrainConfig,
+    out: Path,
+    step: int,
+    model: SoundNet,
+    optimizer: torch.optim.Optimizer,
+    window: Window,
+    where: Dist,
+) -> None:
+    """``step-N.pt`` every ``checkpoint_every`` steps and ``last.pt`` (rank 0, atomically), then ``loss.png``."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(window.stopped(f"the weights are not finite at step {step}", out))
+    if where.is_main:
+        last = out / "checkpoints" / "last.pt"
+        extra = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "rng": _rng_state(),
+            "train_config": dataclasses.asdict(cfg),
+            "loss": window.loss,
+            "broken": list(window.broken),
+            "data": window.data,
+        }
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint(last.with_name(f"step-{step:07d}.pt"), model, **extra)
+        save_checkpoint(last, model, **extra)
+        with writing(out / "loss.png"):
+            write_loss_curves(out / "metrics.jsonl", out / "loss.png")
+    window.last_saved = step
 
 
 def _open_metrics(path: Path, keep_until: int):
     """Open ``metrics.jsonl`` for appending, first dropping records after step ``keep_until`` (a resumed run
     repeats no step: records written after the checkpoint it continues from belong to steps done again)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "a")
+    with writing(path):
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
 
 
 def _step_of(line: str) -> float:
@@ -310,7 +406,7 @@ def _evaluate(model: SoundNet, held_out: HeldOut, loss_fn: dict[str, Any], amp: 
     """
     heads = list(model.config.heads)
     device = where.device
-    sums = torch.zeros(2 + 2 * len(heads), dtype=torch.float64, device=device)  # loss, KL, top-1 per head, clips
+    sums = torch.zeros(3 + 2 * len(heads), dtype=torch.float64, device=device)  # loss, KL, top-1, clips, steps
     model.eval()
     for batch in held_out:
         x, targets = to_device(batch, device)
@@ -319,18 +415,18 @@ def _evaluate(model: SoundNet, held_out: HeldOut, loss_fn: dict[str, Any], amp: 
         loss, _ = distill_loss(logits, targets, **loss_fn)
         kl = kl_terms(logits, targets, norm="sample")
         agree = [top1_agreement(logits[name], targets[name]) for name in heads]
-        b = x.shape[0]
-        values = [loss * b, *(kl[name] * b for name in heads), *agree, sums.new_tensor(b)]
+        b, steps = x.shape[0], next(iter(targets.values())).shape[2]
+        values = [loss * b, *(kl[name] * b for name in heads), *agree, sums.new_tensor(b), sums.new_tensor(b * steps)]
         sums += torch.stack([v.double() for v in values])
     model.train()
     values = all_sum(torch.cat([sums, sums.new_tensor([held_out.skipped])]), where).tolist()
-    clips, skipped = int(values[-2]), int(values[-1])
+    clips, clip_steps, skipped = int(values[-3]), values[-2], int(values[-1])
     result: dict[str, float] = {"val_clips": clips, "val_skipped": skipped}
     if clips:
         result["val_loss"] = values[0] / clips
         for i, name in enumerate(heads):
             result[f"val_kl_{name}"] = values[1 + i] / clips
-            result[f"val_top1_{name}"] = values[1 + len(heads) + i] / (clips * SLOTS)
+            result[f"val_top1_{name}"] = values[1 + len(heads) + i] / clip_steps
     return result
 
 
@@ -346,12 +442,39 @@ def _progress_line(record: dict[str, Any], steps: int) -> str:
     return line
 
 
-def _stopped(what: str, last_saved: int | None, last_path: Path) -> str:
-    if last_saved is None:
-        kept = "no checkpoint had been written yet"
-    else:
-        kept = f"the last good checkpoint, {last_path} (step {last_saved}), is kept"
-    return f"{what}: training stopped; {kept}. Try a lower --lr, or other --kl-norm / --temperature settings."
+# ---- the end -------------------------------------------------------------------------------------------------
+def _finish(
+    cfg: TrainConfig, out: Path, model: SoundNet, shards: ShardSet, start: int, window: Window, where: Dist, say
+) -> dict[str, Any]:
+    """Check every rank holds the same weights; write ``summary.json`` (rank 0)."""
+    digests = gather_digests(model, where)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different weights (sha256 per rank: {digests})")
+    trained = max(0, cfg.steps - start)
+    summary = {
+        "arch": cfg.arch,
+        "heads": shards.heads,
+        "clip_layout": shards.layout.to_json(),
+        "clips": len(shards),
+        "shards": len(shards.urls),
+        "damaged_shards": shards.damaged,
+        "excluded_shards": shards.excluded,
+        "start_step": start,
+        "steps": max(cfg.steps, start),
+        "world_size": where.world_size,
+        "loss": window.loss,
+        "clips_per_s": trained * cfg.batch_size * where.world_size / (time.perf_counter() - window.run_start),
+        "skipped": len(window.broken),
+        "checkpoint": str(out / "checkpoints" / "last.pt") if window.last_saved is not None else None,
+        "weights_sha256": digests[0],
+        "rank_weights_sha256": digests,
+    }
+    if where.is_main:
+        with writing(out / "summary.json"), atomic_path(out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    if trained:
+        say("step %d, loss %.4f; checkpoint %s", summary["steps"], summary["loss"], summary["checkpoint"])
+    return summary
 
 
 def _rng_state() -> dict[str, Any]:

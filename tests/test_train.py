@@ -22,7 +22,7 @@ from tests.test_ingest import teacher_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the console scripts of this environment: student, evaluate
-SMALL = ("--batch-size", "2", "--workers", "1", "--shuffle", "8")
+SMALL = ("--batch-size", "2", "--workers", "1")
 VISION_AND_INGEST = ("torchvision", "av", "soundnet.teachers", "soundnet.ingest")
 NOT_IN_STAGE_TWO = tuple(f"{name}." for name in VISION_AND_INGEST)
 
@@ -165,6 +165,7 @@ def test_run_writes_metrics_and_checkpoints_resumes_and_evaluates(real_shards: P
     for name in ("imagenet", "places"):
         assert val[f"val_kl_{name}"] > 0 and 0 <= val[f"val_top1_{name}"] <= 1
 
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curves, beside metrics.jsonl
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step-0000002.pt", "step-0000004.pt"]
     state = read_checkpoint(checkpoints / "last.pt")
@@ -207,7 +208,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(train_module, "distill_loss", poisoned)
     out = tmp_path / "run"
     config = TrainConfig(
-        shards=[str(real_shards)], out=str(out), steps=6, batch_size=2, workers=0, shuffle=8, checkpoint_every=2,
+        shards=[str(real_shards)], out=str(out), steps=6, batch_size=2, workers=0, checkpoint_every=2,
         log_every=1,
     )  # fmt: skip
     with pytest.raises(NonFiniteLoss, match=r"nan at step 4.*last\.pt \(step 2\), is kept"):
@@ -220,7 +221,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 def test_soundnet5_trains_from_the_same_shards(real_shards: Path, tmp_path: Path) -> None:
     config = TrainConfig(
         shards=[str(real_shards)], out=str(tmp_path / "run"), arch="soundnet5", steps=2, batch_size=2, workers=0,
-        shuffle=4, kl_norm="sample", temperature=2.0,
+        kl_norm="sample", temperature=2.0,
     )  # fmt: skip
     summary = train(config)
     assert np.isfinite(summary["loss"])
@@ -265,7 +266,7 @@ def test_torchrun_two_ranks_take_the_same_steps_and_end_with_identical_weights(
 @pytest.mark.acceptance
 def test_150_steps_at_batch_8_cut_the_loss_and_resume_to_160(real_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    options = ("--batch-size", "8", "--workers", "1", "--shuffle", "64", "--log-every", "1")
+    options = ("--batch-size", "8", "--workers", "1", "--log-every", "1")
     first = student_train(real_shards, out, "--steps", "150", *options, "--checkpoint-every", "50")
     assert first.returncode == 0, first.stderr[-3000:]
     losses = [r["loss"] for r in read_metrics(out)]
@@ -276,3 +277,182 @@ def test_150_steps_at_batch_8_cut_the_loss_and_resume_to_160(real_shards: Path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 161))
     assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 160
+
+
+# ---- the clip contract, one teacher set, damage --------------------------------------------------------------
+@pytest.mark.slow
+def test_half_step_layout_trains_and_a_layout_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    from soundnet.shards.contract import ClipLayout
+    from tests.test_student_data import write_shards
+
+    (tmp_path / "halves").mkdir(), (tmp_path / "thirds").mkdir()
+    halves = write_shards(
+        tmp_path / "halves", [["a", "b"]], seconds=20.0, layout=ClipLayout(slot_seconds=2.5, frames_per_clip=8)
+    )
+    done = student_train(tmp_path / "halves", tmp_path / "run", "--steps", "1", "--arch", "soundnet5", *SMALL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 frames averaged per output step" in done.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["clip_layout"]["slot_seconds"] == 2.5
+
+    thirds = write_shards(tmp_path / "thirds", [["c"]], layout=ClipLayout(slot_seconds=3.0))
+    refused = student_train(tmp_path / "thirds", tmp_path / "run3", "--steps", "1", *SMALL)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert thirds[0] in refused.stderr and "3 s slots" in refused.stderr and "5 s slots" in refused.stderr
+    assert "ingest run --frame-interval 5 --max-frames 4" in refused.stderr
+    (tmp_path / "paper").mkdir()
+    write_shards(tmp_path / "paper", [["d"]])
+    mixed = student_train(tmp_path / "paper", tmp_path / "run4", "--shards", halves[0], "--steps", "1", *SMALL)
+    assert mixed.returncode == 1 and "different clip layouts" in mixed.stderr
+
+
+@pytest.mark.slow
+def test_a_good_run_plus_a_cut_shard_a_non_tar_and_another_teacher_set_trains_with_two_workers(
+    real_shards: Path, tmp_path: Path
+) -> None:
+    import shutil
+    import tarfile
+
+    from tests.test_student_data import write_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(real_shards, shards, ignore=shutil.ignore_patterns("*.parquet", "*.json", "parts"))
+    whole = (shards / "shard-000003.tar").read_bytes()
+    with tarfile.open(shards / "shard-000003.tar") as tar:
+        last_audio = [m for m in tar.getmembers() if m.name.endswith(".audio.npy")][-1]
+    (shards / "shard-000004.tar").write_bytes(whole[: last_audio.offset_data + last_audio.size // 2])  # mid-member
+    (shards / "shard-000005.tar").write_text("this is not a tar file\n" * 50)
+    (tmp_path / "other").mkdir()
+    (other,) = write_shards(tmp_path / "other", [["x"]])  # teachers imagenet 10, places 6
+    shutil.move(other, shards / "shard-000006.tar")
+
+    refused = student_train(shards, tmp_path / "refused", "--steps", "1", *SMALL)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "do not share one teacher set" in refused.stderr and "shard-000006.tar" in refused.stderr
+
+    out = tmp_path / "run"
+    done = student_train(
+        shards, out, "--steps", "3", "--batch-size", "3", "--workers", "2", "--exclude-mismatched", "--log-every", "1"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["heads"] == {"imagenet": 1000, "places": 365}
+    assert set(summary["damaged_shards"]) == {str(shards / "shard-000004.tar"), str(shards / "shard-000005.tar")}
+    assert list(summary["excluded_shards"]) == [str(shards / "shard-000006.tar")]
+    cut_kept = sum(1 for _ in iter_samples(real_shards / "shard-000003.tar")) - 1
+    assert summary["clips"] == 13 + cut_kept
+    assert [r["skipped"] for r in read_metrics(out)] == [2, 2, 2]  # the two damaged shards, counted once
+
+
+# ---- exact resumption, the newest intact checkpoint, clear write errors ----------------------------------------
+def small_run(shards: Path, out: Path, steps: int, workers: int = 0, **options) -> TrainConfig:
+    options = {"checkpoint_every": 2, **options}
+    return TrainConfig(
+        shards=[str(shards)], out=str(out), steps=steps, batch_size=2, workers=workers, log_every=1, seed=3, **options
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(tmp_path_factory) -> Path:
+    from tests.test_student_data import write_shards
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_shards(folder, [["a", "b", "c"], ["d", "e"], ["f", "g", "h"]], seconds=20.0)
+    return folder
+
+
+def state_dicts_equal(a: Path, b: Path) -> None:
+    left, right = read_checkpoint(a), read_checkpoint(b)
+    assert left["model"].keys() == right["model"].keys()
+    for name, tensor in left["model"].items():
+        assert torch.equal(tensor, right["model"][name]), name
+    for (ka, va), (kb, vb) in zip(left["optimizer"]["state"].items(), right["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(va[k], vb[k]) for k in va)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_three_steps_then_resume_to_six_equals_six_steps_bit_for_bit(
+    synthetic_shards: Path, tmp_path: Path, workers: int
+) -> None:
+    whole = train(small_run(synthetic_shards, tmp_path / "whole", 6, workers))
+    train(small_run(synthetic_shards, tmp_path / "parts", 3, workers))
+    resumed = train(small_run(synthetic_shards, tmp_path / "parts", 6, workers, resume=True))
+    assert resumed["start_step"] == 3 and resumed["weights_sha256"] == whole["weights_sha256"]
+    state_dicts_equal(tmp_path / "whole" / "checkpoints" / "last.pt", tmp_path / "parts" / "checkpoints" / "last.pt")
+    losses = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "whole")]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "parts")] == losses
+
+
+def test_resume_takes_the_newest_intact_checkpoint_and_sweeps_temporary_files(
+    synthetic_shards: Path, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "run"
+    train(small_run(synthetic_shards, out, 3, arch="soundnet5"))  # step-0000002.pt, last.pt at 3
+    checkpoints = out / "checkpoints"
+    last = checkpoints / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])  # a truncated last.pt
+    (checkpoints / ".last.pt.k1ll3d.tmp").write_bytes(b"\0" * 1000)  # a kill during a write
+    with caplog.at_level("INFO"):
+        summary = train(small_run(synthetic_shards, out, 4, arch="soundnet5", resume=True))
+    assert summary["start_step"] == 2 and f"resuming from {checkpoints / 'step-0000002.pt'} at step 2" in caplog.text
+    assert not list(checkpoints.glob(".*.tmp")) and read_checkpoint(last)["step"] == 4
+
+    last.unlink()  # only step-N.pt files: the newest is taken
+    (checkpoints / "step-0000004.pt").unlink()
+    summary = train(small_run(synthetic_shards, out, 5, arch="soundnet5", resume=True))
+    assert summary["start_step"] == 2 and read_checkpoint(last)["step"] == 5
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_run(synthetic_shards, out, 6, arch="soundnet5"))
+
+
+def in_namespace(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` as root of a new user and mount namespace (a small or read-only file system of our own)."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user namespaces) is not available here")
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-ec", script], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_a_full_disk_and_a_read_only_out_are_one_clear_line(synthetic_shards: Path, tmp_path: Path) -> None:
+    train_cmd = f"{BIN / 'student'} train --shards {synthetic_shards} --steps 2 --arch soundnet5 --workers 0"
+    (tmp_path / "small").mkdir(), (tmp_path / "ro").mkdir()
+    full = in_namespace(
+        f"mount -t tmpfs -o size=256k none {tmp_path / 'small'}; {train_cmd} --out {tmp_path}/small/run"
+    )
+    assert full.returncode == 1 and "Traceback" not in full.stderr and "basic_ios" not in full.stderr
+    assert f"cannot write {tmp_path}/small/run/checkpoints/last.pt: no space left on device" in full.stderr
+
+    read_only = in_namespace(f"mount -t tmpfs -o ro none {tmp_path / 'ro'}; {train_cmd} --out {tmp_path}/ro/run")
+    assert read_only.returncode == 1 and "Traceback" not in read_only.stderr
+    errors = [line for line in read_only.stderr.splitlines() if "Error" in line]
+    assert errors == [f"Error: cannot write {tmp_path}/ro/run: read-only file system: choose another --out"]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(
+    synthetic_shards: Path, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    whole = train(small_run(synthetic_shards, tmp_path / "whole", 6, arch="soundnet5", checkpoint_every=3))
+    out = tmp_path / "killed"
+    args = [
+        "--steps", "6", "--arch", "soundnet5", "--batch-size", "2", "--workers", "1", "--seed", "3",
+        "--checkpoint-every", "3", "--log-every", "1",
+    ]  # fmt: skip
+    cmd = [str(BIN / "student"), "train", "--shards", str(synthetic_shards), "--out", str(out), *args]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "step-0000003.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_checkpoint(out / "checkpoints" / "step-0000003.pt")["step"] == 3
+    resumed = student_train(synthetic_shards, out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start_step"] == 3 and summary["weights_sha256"] == whole["weights_sha256"]

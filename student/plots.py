@@ -1,0 +1,41 @@
+"""The loss curves of a training run as a PNG (matplotlib, Agg, no pyplot state), from its ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from soundnet.shards.atomic import atomic_path
+
+
+def write_loss_curves(metrics: str | os.PathLike, png: str | os.PathLike) -> None:
+    """Plot the total loss and the KL per teacher over steps (and the held-out KL where reported), atomically.
+
+    Lines of ``metrics`` that are not complete records (a crash mid-write) are left out.
+    """
+    from matplotlib.figure import Figure  # imported here: a second of start-up that only plotting needs
+
+    records = []
+    for line in Path(metrics).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, kl_ax = fig.subplots(1, 2)
+    _plot(loss_ax, records, "loss", "training loss")
+    for name in sorted({k for r in records for k in r if k.startswith(("kl_", "val_kl_"))}):
+        _plot(kl_ax, records, name, name.replace("val_kl_", "held-out KL ").replace("kl_", "KL "))
+    loss_ax.set(xlabel="step", ylabel="loss (lambda x mean KL)", title="total loss")
+    kl_ax.set(xlabel="step", ylabel="KL (as in the loss)", title="KL per teacher")
+    kl_ax.legend()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _plot(ax, records: list[dict], key: str, label: str) -> None:
+    points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label)
