@@ -6,6 +6,8 @@ The paper's protocol: a clip is tiled to a fixed length, a layer's output is cut
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,9 +16,12 @@ import torch
 from tqdm import tqdm
 
 from soundnet.audio import SAMPLE_RATE, read_audio
-from soundnet.evaluate.datasets import DatasetError
+from soundnet.evaluate.cache import FeatureCache, FeatureKey
+from soundnet.evaluate.datasets import Dataset, DatasetError
 from soundnet.media import DecodeError
-from soundnet.student.model import SoundNet
+from soundnet.student.model import ARCHITECTURES, SoundNet
+
+log = logging.getLogger(__name__)
 
 
 def fixed_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
@@ -24,9 +29,10 @@ def fixed_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     return np.resize(waveform, num_samples)
 
 
-def load_waveforms(paths: list[Path], seconds: float, workers: int = 4) -> np.ndarray:
-    """Decode every file to mono 22050 Hz float32 of exactly ``seconds``; one error naming every bad file."""
-    num_samples = int(round(seconds * SAMPLE_RATE))
+def load_waveforms(paths: list[Path], seconds: float, workers: int = 4, num_samples: int | None = None) -> np.ndarray:
+    """Decode the first ``seconds`` of every file to mono 22050 Hz float32, tiled (or cut) to ``num_samples``
+    (default: exactly ``seconds``); one error naming every bad file."""
+    num_samples = num_samples or int(round(seconds * SAMPLE_RATE))
 
     def load(path: Path) -> np.ndarray | str:
         try:
@@ -51,10 +57,23 @@ def load_waveforms(paths: list[Path], seconds: float, workers: int = 4) -> np.nd
     return out
 
 
+def input_samples(model: SoundNet, layer: str, seconds: float) -> int:
+    """Samples fed to the network for clips of ``seconds``: the clip, tiled further where ``layer`` needs more
+    input for one output step (a 0.1 s clip on conv7 is tiled to 4574 samples, as the paper tiles short clips).
+
+    ``SoundNet.features`` also runs the max-pool that follows a conv asked for (conv1, conv2, conv5), so such a
+    conv needs the input its pool needs."""
+    blocks, _ = ARCHITECTURES[model.config.arch]
+    pool = next((spec.pool[0] for spec in blocks if spec.name == layer and spec.pool), layer)
+    need = max(model.min_input_samples(layer), model.min_input_samples(pool))
+    return max(int(round(seconds * SAMPLE_RATE)), need)
+
+
 def window_steps(model: SoundNet, layer: str, num_samples: int, window_seconds: float) -> int:
-    """Steps of ``layer`` covering ``window_seconds`` (pool5, 1 s: 3); the whole output if a window is too short."""
+    """Steps of ``layer`` covering ``window_seconds`` (pool5, 1 s: 3), at most the whole output."""
+    total = model.output_length(layer, num_samples)
     steps = model.output_length(layer, int(round(window_seconds * SAMPLE_RATE)))
-    return steps if steps >= 1 else model.output_length(layer, num_samples)
+    return min(steps, total) if steps >= 1 else total
 
 
 @torch.inference_mode()
@@ -77,3 +96,37 @@ def window_features(
         windows = out.unfold(-1, width, 1)  # [B, C, W, width]
         batches.append(windows.permute(0, 2, 1, 3).flatten(2).float().cpu().numpy())
     return np.concatenate(batches)
+
+
+def dataset_features(
+    model: SoundNet,
+    checkpoint: str | Path,
+    data: Dataset,
+    layer: str,
+    seconds: float,
+    window_seconds: float = 1.0,
+    batch_size: int = 16,
+    device: str = "cpu",
+    workers: int = 4,
+    cache: FeatureCache | None = None,
+    timings: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Windowed ``layer`` features of every clip of ``data``, from the cache when an entry matches."""
+    timings = {} if timings is None else timings
+    cache = cache or FeatureCache(None)
+    paths = [clip.path for clip in data.clips]
+    num_samples = input_samples(model, layer, seconds)
+    key = FeatureKey.of(checkpoint, layer, data.name, paths, num_samples, window_seconds)
+    features = cache.load(key)
+    if features is not None:
+        log.info("features %s: from the cache %s", layer, cache.path(key))
+        timings["decode_s"] = timings["features_s"] = 0.0
+        return features
+    t = time.perf_counter()
+    waveforms = load_waveforms(paths, seconds, workers=workers, num_samples=num_samples)
+    timings["decode_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    features = window_features(model, waveforms, layer, window_seconds, batch_size, device)
+    timings["features_s"] = time.perf_counter() - t
+    cache.save(key, features)
+    return features
