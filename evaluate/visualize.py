@@ -52,27 +52,27 @@ def plot_conv1_filters(model: SoundNet, path: Path) -> None:
     order = np.argsort(freqs_khz[response.argmax(axis=1)], kind="stable")
     columns = 4
     rows = -(-len(order) // columns)
-    fig, axes = plt.subplots(2 * rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    fig = plt.figure(figsize=(3.4 * columns, 3.0 * rows), layout="constrained")
+    cells = fig.subfigures(rows, columns, squeeze=False, wspace=0.03, hspace=0.03)
     taps_ms = np.arange(weights.shape[1]) / rate * 1000
-    for slot, unit in enumerate(order):
-        wave_ax = axes[2 * (slot // columns), slot % columns]
-        freq_ax = axes[2 * (slot // columns) + 1, slot % columns]
+    for slot, cell in enumerate(cells.flat):
+        if slot >= len(order):
+            continue
+        unit = order[slot]
+        cell.set_facecolor("0.96" if (slot // columns + slot % columns) % 2 else "white")
+        wave_ax, freq_ax = cell.subplots(2, 1)
+        peak = freqs_khz[response[unit].argmax()]
+        cell.suptitle(f"filter {unit}: peak {peak:.1f} kHz", fontsize=9)
         wave_ax.plot(taps_ms, weights[unit], color="tab:blue", linewidth=1)
         wave_ax.axhline(0, color="0.7", linewidth=0.5)
-        peak = freqs_khz[response[unit].argmax()]
-        wave_ax.set_title(f"filter {unit}: peak {peak:.1f} kHz", fontsize=9)
-        wave_ax.set_xlabel("ms", fontsize=7, labelpad=1)
+        wave_ax.set_xlabel("time (ms)", fontsize=7, labelpad=1)
         freq_ax.plot(freqs_khz, response_db[unit], color="tab:red", linewidth=1)
         freq_ax.set_ylim(-40, 2)
-        freq_ax.set_xlabel("kHz", fontsize=7, labelpad=1)
+        freq_ax.set_xlabel("frequency (kHz)", fontsize=7, labelpad=1)
         freq_ax.set_ylabel("dB", fontsize=7, labelpad=1)
         for ax in (wave_ax, freq_ax):
             ax.tick_params(labelsize=6)
-    for slot in range(len(order), rows * columns):
-        axes[2 * (slot // columns), slot % columns].axis("off")
-        axes[2 * (slot // columns) + 1, slot % columns].axis("off")
     fig.suptitle(f"{model.config.arch} conv1: {len(order)} filters (waveform above, frequency response below)")
-    fig.tight_layout()
     _save(fig, path, dpi=100)
 
 
