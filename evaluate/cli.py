@@ -10,6 +10,8 @@ import click
 from soundnet.evaluate.datasets import LOADERS, DatasetError
 from soundnet.evaluate.protocol import C_GRID, DEFAULT_C, SVMConfig
 
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
 
 @click.group()
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Confusion-matrix PNG [default: beside --json as <name>.confusion.png].",
 )
-@click.option("--C", "c", type=float, default=DEFAULT_C, show_default=True, help="SVM regularisation.")
+@click.option("--C", "c", type=POSITIVE, default=DEFAULT_C, show_default=True, help="SVM regularisation.")
 @click.option("--cv-c", is_flag=True, help=f"Choose C from {C_GRID} by leave-one-fold-out on the training folds.")
 @click.option(
     "--standardize/--no-standardize",
@@ -41,11 +43,13 @@ def main() -> None:
     show_default=True,
     help="z-score each feature dimension before the SVM (the paper feeds raw features; about 20x slower).",
 )
-@click.option("--clip-seconds", type=float, help="Tile/cut clips to this length [default: 10 s, DCASE 30 s].")
-@click.option("--window-seconds", type=float, default=1.0, show_default=True, help="Feature window length.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--clip-seconds", type=POSITIVE, help="Tile/cut clips to this length [default: 10 s, DCASE 30 s, UrbanSound8K 4 s]."
+)
+@click.option("--window-seconds", type=POSITIVE, default=1.0, show_default=True, help="Feature window length.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -91,7 +95,7 @@ def svm(
             workers,
             cache,
         )
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, ValueError, OSError) as exc:  # user errors: bad data, settings or paths
         raise click.ClickException(str(exc)) from exc
     for fold, acc in zip(document["fold_ids"], document["folds"]):
         click.echo(f"fold {fold}: {acc:.4f}")
@@ -102,13 +106,14 @@ def svm(
     width = max(len(name) for name in document["per_class_accuracy"])
     for name, acc in document["per_class_accuracy"].items():
         click.echo(f"  {name:<{width}}  {acc:.3f}")
-    if json_out:
-        write_json(json_out, document)
-        click.echo(f"wrote {json_out}")
     plot = plot or (json_out.with_suffix(".confusion.png") if json_out else None)
-    if plot:
-        plot_confusion(plot, document)
-        click.echo(f"wrote {plot}")
+    for path, write in ((json_out, write_json), (plot, plot_confusion)):
+        if path:
+            try:
+                write(path, document)
+            except OSError as exc:
+                raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from exc
+            click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -123,18 +128,24 @@ def svm(
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pictures.")
 @click.option("--tsne-layer", default="pool5", show_default=True, help="Layer whose clip features the t-SNE maps.")
 @click.option("--units-layer", default="conv7", show_default=True, help="Layer whose units the HTML page shows.")
-@click.option("--top", type=int, default=5, show_default=True, help="Clips per unit.")
-@click.option("--units", type=int, default=24, show_default=True, help="Units on the page (most class-selective).")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Clips per unit.")
+@click.option(
+    "--units",
+    type=click.IntRange(min=1),
+    default=24,
+    show_default=True,
+    help="Units on the page (most class-selective).",
+)
 @click.option(
     "--copy-audio/--link-audio",
     default=True,
     show_default=True,
     help="Copy the shown clips into OUT/audio (a portable page) or link to the dataset files (relative links).",
 )
-@click.option("--clip-seconds", type=float, help="Tile/cut clips to this length [default: the dataset's].")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--clip-seconds", type=POSITIVE, help="Tile/cut clips to this length [default: the dataset's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", type=int, default=4, show_default=True, help="Decoding threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Feature cache folder.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write cached features.")
 def visualize(
@@ -159,8 +170,6 @@ def visualize(
     from soundnet.evaluate.datasets import load_dataset
     from soundnet.evaluate.visualize import make_pictures
 
-    if top < 1 or units < 1:
-        raise click.BadParameter("--top and --units must be at least 1")
     cache = FeatureCache(None if no_cache else cache_dir or default_cache_dir())
     try:
         data = load_dataset(dataset, data_dir)
@@ -179,7 +188,7 @@ def visualize(
             workers,
             cache,
         )
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, ValueError, OSError) as exc:  # user errors: bad data, settings or paths
         raise click.ClickException(str(exc)) from exc
     for path in written:
         click.echo(f"wrote {path}")

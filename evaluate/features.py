@@ -29,10 +29,10 @@ def fixed_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     return np.resize(waveform, num_samples)
 
 
-def load_waveforms(paths: list[Path], seconds: float, workers: int = 4, num_samples: int | None = None) -> np.ndarray:
-    """Decode the first ``seconds`` of every file to mono 22050 Hz float32, tiled (or cut) to ``num_samples``
-    (default: exactly ``seconds``); one error naming every bad file."""
-    num_samples = num_samples or int(round(seconds * SAMPLE_RATE))
+def _decode(
+    paths: list[Path], seconds: float, num_samples: int, workers: int, progress: tqdm
+) -> tuple[np.ndarray, list[str]]:
+    """Decoded, tiled waveforms ``[clips, num_samples]`` and one message per file that could not be read."""
 
     def load(path: Path) -> np.ndarray | str:
         try:
@@ -44,16 +44,29 @@ def load_waveforms(paths: list[Path], seconds: float, workers: int = 4, num_samp
     out = np.empty((len(paths), num_samples), np.float32)
     errors = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(load, paths)
-        for i, result in enumerate(tqdm(results, total=len(paths), desc="decode audio", unit="clip")):
+        for i, result in enumerate(pool.map(load, paths)):
             if isinstance(result, str):
                 errors.append(result)
             else:
                 out[i] = result
+            progress.update()
+    return out, errors
+
+
+def _unreadable(errors: list[str]) -> DatasetError:
+    shown = "\n  ".join(errors[:10])
+    more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+    return DatasetError(f"{len(errors)} audio file(s) could not be read:\n  {shown}{more}")
+
+
+def load_waveforms(paths: list[Path], seconds: float, workers: int = 4, num_samples: int | None = None) -> np.ndarray:
+    """Decode the first ``seconds`` of every file to mono 22050 Hz float32, tiled (or cut) to ``num_samples``
+    (default: exactly ``seconds``); one error naming every bad file."""
+    num_samples = num_samples or int(round(seconds * SAMPLE_RATE))
+    with tqdm(total=len(paths), desc="decode audio", unit="clip") as progress:
+        out, errors = _decode(paths, seconds, num_samples, workers, progress)
     if errors:
-        shown = "\n  ".join(errors[:10])
-        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise DatasetError(f"{len(errors)} audio file(s) could not be read:\n  {shown}{more}")
+        raise _unreadable(errors)
     return out
 
 
@@ -84,17 +97,21 @@ def window_features(
     window_seconds: float = 1.0,
     batch_size: int = 16,
     device: str = "cpu",
+    progress: tqdm | None = None,
 ) -> np.ndarray:
     """``[clips, windows, channels * window_steps]`` float32 features of ``layer`` for equal-length waveforms."""
     model = model.to(device).eval()
     num_samples = waveforms.shape[1]
     width = window_steps(model, layer, num_samples, window_seconds)
     batches = []
-    for start in tqdm(range(0, len(waveforms), batch_size), desc=f"features {layer}", unit="batch"):
+    starts = range(0, len(waveforms), batch_size)
+    for start in starts if progress else tqdm(starts, desc=f"features {layer}", unit="batch"):
         x = torch.from_numpy(waveforms[start : start + batch_size]).to(device)
         out = model.features(x, layer)[layer]  # [B, C, steps]
         windows = out.unfold(-1, width, 1)  # [B, C, W, width]
         batches.append(windows.permute(0, 2, 1, 3).flatten(2).float().cpu().numpy())
+        if progress:
+            progress.update(len(x))
     return np.concatenate(batches)
 
 
@@ -110,6 +127,7 @@ def dataset_features(
     workers: int = 4,
     cache: FeatureCache | None = None,
     timings: dict[str, float] | None = None,
+    chunk_clips: int = 256,
 ) -> np.ndarray:
     """Windowed ``layer`` features of every clip of ``data``, from the cache when an entry matches."""
     timings = {} if timings is None else timings
@@ -122,11 +140,25 @@ def dataset_features(
         log.info("features %s: from the cache %s", layer, cache.path(key))
         timings["decode_s"] = timings["features_s"] = 0.0
         return features
-    t = time.perf_counter()
-    waveforms = load_waveforms(paths, seconds, workers=workers, num_samples=num_samples)
-    timings["decode_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    features = window_features(model, waveforms, layer, window_seconds, batch_size, device)
-    timings["features_s"] = time.perf_counter() - t
+    # decode and embed in chunks: memory holds one chunk of waveforms, never the whole dataset's
+    chunks, errors = [], []
+    timings["decode_s"] = timings["features_s"] = 0.0
+    with (
+        tqdm(total=len(paths), desc="decode audio", unit="clip", position=0) as decoded,
+        tqdm(total=len(paths), desc=f"features {layer}", unit="clip", position=1) as embedded,
+    ):
+        for start in range(0, len(paths), chunk_clips):
+            t = time.perf_counter()
+            waveforms, bad = _decode(paths[start : start + chunk_clips], seconds, num_samples, workers, decoded)
+            timings["decode_s"] += time.perf_counter() - t
+            errors += bad
+            if errors:  # keep decoding to name every bad file, but spend no more time on the network
+                continue
+            t = time.perf_counter()
+            chunks.append(window_features(model, waveforms, layer, window_seconds, batch_size, device, embedded))
+            timings["features_s"] += time.perf_counter() - t
+    if errors:
+        raise _unreadable(errors)
+    features = np.concatenate(chunks)
     cache.save(key, features)
     return features

@@ -119,6 +119,8 @@ def run_protocol(
 ) -> ProtocolResult:
     """Train on all folds but one, test on that one, for every fold (C chosen on the training folds if asked)."""
     fold_ids = [int(k) for k in np.unique(folds)]
+    if len(fold_ids) < 2:
+        raise ValueError(f"leave-one-fold-out needs at least 2 folds, the dataset has {fold_ids}")
     chosen = {k: config.C for k in fold_ids}
     if config.cv_c:
         if len(fold_ids) < 3:

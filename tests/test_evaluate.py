@@ -384,3 +384,24 @@ def test_urbansound8k_metadata_is_read_with_its_own_folds(esc50_dir, tmp_path) -
     csv_path.write_text(csv_path.read_text().replace(",7,3,", ",7,three,", 1))
     with pytest.raises(DatasetError, match=r"UrbanSound8K\.csv, line \d: column 'classID' must be an integer"):
         load_dataset("urbansound8k", tmp_path)
+
+
+def test_features_in_chunks_equal_one_pass_and_name_every_bad_file(esc50_dir, soundnet8_checkpoint, tmp_path) -> None:
+    from soundnet.evaluate.features import dataset_features
+
+    root = _mini_esc(esc50_dir, tmp_path, [ROOSTER, DOG, HELICOPTER])
+    data = load_dataset("esc10", root)
+    model = load_checkpoint(soundnet8_checkpoint)
+    chunked = dataset_features(model, soundnet8_checkpoint, data, "pool5", 3.0, chunk_clips=2)
+    whole = window_features(model, load_waveforms([c.path for c in data.clips], 3.0), "pool5")
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    for stem in (ROOSTER, HELICOPTER):  # one bad file in each chunk: both named
+        (root / "audio" / f"{stem}.flac").write_bytes(b"not audio" * 100)
+    with pytest.raises(DatasetError, match=r"2 audio file\(s\) could not be read:\n") as error:
+        dataset_features(model, soundnet8_checkpoint, data, "pool5", 3.0, chunk_clips=2)
+    assert ROOSTER in str(error.value) and HELICOPTER in str(error.value) and DOG not in str(error.value)
+
+
+def test_one_fold_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        run_protocol(np.zeros((4, 1, 2), np.float32), np.array([0, 1, 0, 1]), np.ones(4, int), SVMConfig(), n_jobs=1)
