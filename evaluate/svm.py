@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from soundnet.evaluate.cache import FeatureCache
-from soundnet.evaluate.datasets import load_dataset
+from soundnet.evaluate.datasets import DatasetError, load_dataset
 from soundnet.evaluate.features import dataset_features
 from soundnet.evaluate.protocol import SVMConfig, run_protocol
 from soundnet.evaluate.report import summary
@@ -40,6 +40,11 @@ def evaluate_svm(
     timings = {}
     start = time.perf_counter()
     data = load_dataset(dataset, data_dir)  # metadata errors before the checkpoint loads
+    if len(data.folds) < 2 or len(data.classes) < 2:
+        raise DatasetError(
+            f"{data_dir}: the SVM protocol needs at least 2 folds and 2 classes, "
+            f"found folds {data.folds} and classes {data.classes}"
+        )
     model = load_checkpoint(checkpoint)
     seconds = clip_seconds or data.clip_seconds
     model.output_length(layer, 0)  # an unknown layer fails here, before any decoding
