@@ -13,6 +13,48 @@ from soundnet.evaluate.protocol import C_GRID, DEFAULT_C, SVMConfig
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
+def _data_options(command):
+    """Options every command that embeds a dataset takes: what to run, on which clips, where, with which cache."""
+    options = [
+        click.option(
+            "--checkpoint",
+            required=True,
+            type=click.Path(exists=True, dir_okay=False),
+            help="A checkpoint from `student train` or `student import-soundnet`.",
+        ),
+        click.option(
+            "--dataset",
+            required=True,
+            type=click.Choice(sorted(LOADERS)),
+            help="Dataset layout and fold rule (folder: one sub-folder per class, or UrbanSound8K's metadata).",
+        ),
+        click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False)),
+        click.option(
+            "--clip-seconds",
+            type=POSITIVE,
+            help="Tile/cut clips to this length [default: ESC 10 s, DCASE 30 s, UrbanSound8K 4 s, folder 10 s].",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads."),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Feature cache folder [default: ~/.cache/soundnet/features, or $SOUNDNET_CACHE/features].",
+        ),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write cached features."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _cache(cache_dir: Path | None, no_cache: bool):
+    from soundnet.evaluate.cache import FeatureCache, default_cache_dir
+
+    return FeatureCache(None if no_cache else cache_dir or default_cache_dir())
+
+
 @click.group()
 def main() -> None:
     """Evaluate SoundNet features on labelled sound datasets."""
@@ -20,15 +62,8 @@ def main() -> None:
 
 
 @main.command()
+@_data_options
 @click.option("--layer", default="pool5", show_default=True, help="Named output: conv1..conv7, pool1/2/5, heads.")
-@click.option(
-    "--checkpoint",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="A checkpoint from `student train` or `student import-soundnet`.",
-)
-@click.option("--dataset", required=True, type=click.Choice(sorted(LOADERS)), help="Dataset layout and fold rule.")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the summary here.")
 @click.option(
     "--plot",
@@ -43,19 +78,7 @@ def main() -> None:
     show_default=True,
     help="z-score each feature dimension before the SVM (the paper feeds raw features; about 20x slower).",
 )
-@click.option(
-    "--clip-seconds", type=POSITIVE, help="Tile/cut clips to this length [default: 10 s, DCASE 30 s, UrbanSound8K 4 s]."
-)
 @click.option("--window-seconds", type=POSITIVE, default=1.0, show_default=True, help="Feature window length.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Feature cache folder [default: ~/.cache/soundnet/features, or $SOUNDNET_CACHE/features].",
-)
-@click.option("--no-cache", is_flag=True, help="Neither read nor write cached features.")
 def svm(
     layer,
     checkpoint,
@@ -75,12 +98,10 @@ def svm(
     no_cache,
 ) -> None:
     """Linear SVM on windowed layer features, leave-one-fold-out; prints per-fold and mean accuracy."""
-    from soundnet.evaluate.cache import FeatureCache, default_cache_dir
     from soundnet.evaluate.report import plot_confusion, write_json
     from soundnet.evaluate.svm import evaluate_svm
 
     config = SVMConfig(C=c, cv_c=cv_c, standardize=standardize)
-    cache = FeatureCache(None if no_cache else cache_dir or default_cache_dir())
     try:
         document = evaluate_svm(
             checkpoint,
@@ -93,7 +114,7 @@ def svm(
             batch_size,
             device,
             workers,
-            cache,
+            _cache(cache_dir, no_cache),
         )
     except (DatasetError, ValueError, OSError) as exc:  # user errors: bad data, settings or paths
         raise click.ClickException(str(exc)) from exc
@@ -117,14 +138,7 @@ def svm(
 
 
 @main.command()
-@click.option(
-    "--checkpoint",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="A checkpoint from `student train` or `student import-soundnet`.",
-)
-@click.option("--dataset", required=True, type=click.Choice(sorted(LOADERS)), help="Dataset layout.")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@_data_options
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the pictures.")
 @click.option("--tsne-layer", default="pool5", show_default=True, help="Layer whose clip features the t-SNE maps.")
 @click.option("--units-layer", default="conv7", show_default=True, help="Layer whose units the HTML page shows.")
@@ -142,12 +156,6 @@ def svm(
     show_default=True,
     help="Copy the shown clips into OUT/audio (a portable page) or link to the dataset files (relative links).",
 )
-@click.option("--clip-seconds", type=POSITIVE, help="Tile/cut clips to this length [default: the dataset's].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoding threads.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Feature cache folder.")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write cached features.")
 def visualize(
     checkpoint,
     dataset,
@@ -166,11 +174,9 @@ def visualize(
     no_cache,
 ) -> None:
     """The paper's pictures: conv1 filters, a t-SNE of clip features by class, the top clips of deep units."""
-    from soundnet.evaluate.cache import FeatureCache, default_cache_dir
     from soundnet.evaluate.datasets import load_dataset
     from soundnet.evaluate.visualize import make_pictures
 
-    cache = FeatureCache(None if no_cache else cache_dir or default_cache_dir())
     try:
         data = load_dataset(dataset, data_dir)
         written = make_pictures(
@@ -186,7 +192,7 @@ def visualize(
             batch_size,
             device,
             workers,
-            cache,
+            _cache(cache_dir, no_cache),
         )
     except (DatasetError, ValueError, OSError) as exc:  # user errors: bad data, settings or paths
         raise click.ClickException(str(exc)) from exc

@@ -129,14 +129,16 @@ def top_units(activations: np.ndarray, labels: np.ndarray, top: int, units: int)
     return [(int(unit), ranked[unit]) for unit in order[:units] if strength[unit] > 0]
 
 
-def _audio_link(clip_path: Path, out: Path, copy: bool) -> str:
-    """The src of a clip's <audio> element, relative to the page: a copy under ``out/audio`` or the file itself."""
+def _audio_link(index: int, clip_path: Path, out: Path, copy: bool) -> str:
+    """The src of a clip's <audio> element, relative to the page: a copy under ``out/audio`` (prefixed with the
+    clip's index, as two class folders may hold the same file name) or the file itself."""
     if copy:
-        target = out / "audio" / clip_path.name
+        name = f"{index:05d}-{clip_path.name}"
+        target = out / "audio" / name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(clip_path, target)
-        return quote(f"audio/{clip_path.name}")
+        return quote(f"audio/{name}")
     return quote(Path(os.path.relpath(clip_path.resolve(), out.resolve())).as_posix())
 
 
@@ -161,7 +163,7 @@ def write_units_page(
         rows = "\n".join(
             f"<tr><td>{rank + 1}</td><td>{html.escape(data.classes[labels[i]])}</td>"
             f"<td>{activations[i, unit]:.2f}</td><td>{html.escape(data.clips[i].path.name)}</td>"
-            f'<td><audio controls preload="none" src="{_audio_link(data.clips[i].path, out, copy_audio)}">'
+            f'<td><audio controls preload="none" src="{_audio_link(int(i), data.clips[i].path, out, copy_audio)}">'
             "</audio></td></tr>"
             for rank, i in enumerate(clips)
         )
