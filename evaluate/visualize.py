@@ -121,12 +121,21 @@ def unit_activations(features: np.ndarray, channels: int) -> np.ndarray:
 
 def top_units(activations: np.ndarray, labels: np.ndarray, top: int, units: int) -> list[tuple[int, np.ndarray]]:
     """The ``units`` units whose ``top`` clips agree most on one class (ties: stronger peak first), each with its
-    top clips, strongest first: the paper's view of which units detect which sounds."""
+    top clips, strongest first: the paper's view of which units detect which sounds. The best unit of each class
+    comes before the second best of any, so that the page covers many classes."""
     ranked = np.argsort(-activations, axis=0, kind="stable")[:top].T  # [channels, top]
-    purity = np.array([np.bincount(labels[clips]).max() for clips in ranked])
+    counts = [np.bincount(labels[clips]) for clips in ranked]
+    purity = np.array([c.max() for c in counts])
+    majority = np.array([c.argmax() for c in counts])
     strength = activations[ranked[:, 0], np.arange(activations.shape[1])]
-    order = np.lexsort((-strength, -purity))
-    return [(int(unit), ranked[unit]) for unit in order[:units] if strength[unit] > 0]
+    order = [unit for unit in np.lexsort((-strength, -purity)) if strength[unit] > 0]
+    seen: dict[int, int] = {}
+    rounds = []
+    for unit in order:  # how many better units share this unit's class
+        rounds.append(seen.get(majority[unit], 0))
+        seen[majority[unit]] = rounds[-1] + 1
+    order = [order[i] for i in np.argsort(rounds, kind="stable")]
+    return [(int(unit), ranked[unit]) for unit in order[:units]]
 
 
 def _audio_link(index: int, clip_path: Path, out: Path, copy: bool) -> str:
@@ -181,7 +190,8 @@ td,th{{padding:2px 8px;text-align:left}} tr:nth-child(even){{background:#f3f3f3}
 <h1>What the units of {layer} hear</h1>
 <p>{len(chosen)} of {activations.shape[1]} units of <code>{layer}</code>, each with the {top} clips of
 {html.escape(data.name)} ({len(data.clips)} clips) that activate it most (peak over time), the units whose top clips
-agree most on one class first. The heading names that class and how many of the top clips have it.</p>
+agree most on one class first (the best unit of each class before the second best of any). The heading names that
+class and how many of the top clips have it.</p>
 {chr(10).join(sections)}
 </body></html>
 """

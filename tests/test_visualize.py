@@ -69,6 +69,9 @@ def test_top_units_rank_class_selective_units_first() -> None:
     activations = np.stack([rng.random(12), (labels == 0) * 5.0 + rng.random(12) * 0.1], axis=1)
     (first, clips), *_ = top_units(activations, labels, top=4, units=2)
     assert first == 1 and sorted(clips.tolist()) == [0, 1, 2, 3]
+    # three units for class 0, one weaker one for class 2: the class-2 unit comes second
+    selective = np.stack([(labels == 0) * (5.0 - u) for u in range(3)] + [(labels == 2) * 1.0], axis=1)
+    assert [unit for unit, _ in top_units(selective, labels, top=4, units=4)] == [0, 3, 1, 2]
     windows = np.arange(2 * 3 * 4 * 2, dtype=np.float32).reshape(2, 3, 8)  # 2 clips, 3 windows, 4 units x 2 steps
     peaks = unit_activations(windows, channels=4)
     assert peaks.shape == (2, 4) and peaks[1, 3] == windows[1, 2, 7] and peaks[0, 0] == windows[0, 2, 1]
