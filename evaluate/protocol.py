@@ -46,6 +46,11 @@ def _fit(features: np.ndarray, labels: np.ndarray, C: float, config: SVMConfig):
     liblinear's primal solver: with many more windows than feature dimensions it converges in far fewer
     iterations than the dual one (measured on ESC-10 pool5: 12 vs 90 raw, 216 vs 1262 standardised).
     """
+    if len(np.unique(labels)) < 2:
+        raise ValueError(
+            f"an SVM training set holds clips of class {labels[0]} only: every training set (all folds but one, "
+            "and with --cv-c all but two) needs clips of at least 2 classes; use fewer folds or more clips"
+        )
     x = features.reshape(-1, features.shape[-1])
     y = np.repeat(labels, features.shape[1])
     steps = [StandardScaler()] if config.standardize else []

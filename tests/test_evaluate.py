@@ -419,3 +419,10 @@ def test_racing_cache_writes_leave_one_complete_entry(tmp_path) -> None:
     np.testing.assert_array_equal(cache.load(key), features)
     other = FeatureKey("0" * 64, "pool5", "esc10", 220500, 2.0, key.clips)  # another window length: another entry
     assert other.filename() != key.filename() and cache.load(other) is None
+
+
+def test_a_training_set_of_one_class_is_a_clear_error() -> None:
+    feats = np.random.default_rng(0).random((4, 2, 3)).astype(np.float32)
+    labels, folds = np.array([0, 1, 1, 1]), np.array([1, 2, 2, 2])  # without fold 1, only class 1 is left
+    with pytest.raises(ValueError, match="holds clips of class 1 only"):
+        run_protocol(feats, labels, folds, SVMConfig(), n_jobs=1)
