@@ -10,6 +10,7 @@ import numpy as np
 
 from soundnet.evaluate.datasets import Dataset
 from soundnet.evaluate.protocol import ProtocolResult
+from soundnet.shards.atomic import atomic_path
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -38,8 +39,8 @@ def summary(dataset: Dataset, labels: np.ndarray, result: ProtocolResult, **extr
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def plot_confusion(path: Path, document: dict[str, Any]) -> None:
@@ -78,6 +79,6 @@ def plot_confusion(path: Path, document: dict[str, Any]) -> None:
     )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from soundnet.evaluate.datasets import load_dataset
-from soundnet.evaluate.features import load_waveforms, window_features
+from soundnet.evaluate.cache import FeatureCache
+from soundnet.evaluate.datasets import DatasetError, load_dataset
+from soundnet.evaluate.features import dataset_features
 from soundnet.evaluate.protocol import SVMConfig, run_protocol
 from soundnet.evaluate.report import summary
 from soundnet.student.checkpoint import load_checkpoint
@@ -30,26 +31,32 @@ def evaluate_svm(
     batch_size: int = 16,
     device: str = "cpu",
     workers: int = 4,
+    cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol and return the summary document (see :func:`evaluate.report.summary`)."""
+    """Run the protocol and return the summary document (see :func:`evaluate.report.summary`).
+
+    ``cache`` (off when ``None``) keeps the features, so a rerun with other SVM settings skips the network."""
     svm = svm or SVMConfig()
     timings = {}
     start = time.perf_counter()
+    data = load_dataset(dataset, data_dir)  # metadata errors before the checkpoint loads
+    if len(data.folds) < 2 or len(data.classes) < 2:
+        raise DatasetError(
+            f"{data_dir}: the SVM protocol needs at least 2 folds and 2 classes, "
+            f"found folds {data.folds} and classes {data.classes}"
+        )
     model = load_checkpoint(checkpoint)
-    data = load_dataset(dataset, data_dir)
     seconds = clip_seconds or data.clip_seconds
     model.output_length(layer, 0)  # an unknown layer fails here, before any decoding
     log.info("%s: %d clips, %d classes, folds %s", data.name, len(data.clips), len(data.classes), data.folds)
 
-    t = time.perf_counter()
-    waveforms = load_waveforms([c.path for c in data.clips], seconds, workers=workers)
-    timings["decode_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    features = window_features(model, waveforms, layer, window_seconds, batch_size, device)
-    timings["features_s"] = time.perf_counter() - t
+    features = dataset_features(
+        model, checkpoint, data, layer, seconds, window_seconds, batch_size, device, workers, cache, timings
+    )
     log.info("features %s: %d windows x %d dims per clip", layer, features.shape[1], features.shape[2])
 
+    chosen = f"C from {list(svm.c_grid)} per fold" if svm.cv_c else f"C={svm.C:g}"
+    log.info("SVM: %d folds, %s, %s features", len(data.folds), chosen, "standardised" if svm.standardize else "raw")
     t = time.perf_counter()
     labels = np.array([c.label for c in data.clips])
     folds = np.array([c.fold for c in data.clips])
