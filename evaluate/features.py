@@ -19,7 +19,7 @@ from soundnet.audio import SAMPLE_RATE, read_audio
 from soundnet.evaluate.cache import FeatureCache, FeatureKey
 from soundnet.evaluate.datasets import Dataset, DatasetError
 from soundnet.media import DecodeError
-from soundnet.student.model import ARCHITECTURES, SoundNet
+from soundnet.student.model import SoundNet
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,8 @@ def load_waveforms(paths: list[Path], seconds: float, workers: int = 4, num_samp
 
 def input_samples(model: SoundNet, layer: str, seconds: float) -> int:
     """Samples fed to the network for clips of ``seconds``: the clip, tiled further where ``layer`` needs more
-    input for one output step (a 0.1 s clip on conv7 is tiled to 4574 samples, as the paper tiles short clips).
-
-    ``SoundNet.features`` also runs the max-pool that follows a conv asked for (conv1, conv2, conv5), so such a
-    conv needs the input its pool needs."""
-    blocks, _ = ARCHITECTURES[model.config.arch]
-    pool = next((spec.pool[0] for spec in blocks if spec.name == layer and spec.pool), layer)
-    need = max(model.min_input_samples(layer), model.min_input_samples(pool))
-    return max(int(round(seconds * SAMPLE_RATE)), need)
+    input for one output step (a 0.1 s clip on conv7 is tiled to 4574 samples, as the paper tiles short clips)."""
+    return max(int(round(seconds * model.config.sample_rate)), model.min_input_samples(layer))
 
 
 def window_steps(model: SoundNet, layer: str, num_samples: int, window_seconds: float) -> int:

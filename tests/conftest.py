@@ -51,3 +51,9 @@ def ffmpeg_exe() -> str:
         except (ImportError, RuntimeError):
             pytest.skip("no ffmpeg command line (install the dev extra: imageio-ffmpeg)")
     return exe
+
+
+@pytest.fixture(autouse=True)
+def private_feature_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate svm` caches features under $SOUNDNET_CACHE: tests never write into the user's cache."""
+    monkeypatch.setenv("SOUNDNET_CACHE", str(tmp_path_factory.mktemp("soundnet-cache")))
