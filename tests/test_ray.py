@@ -74,7 +74,11 @@ def assert_same_samples(out: Path, reference: Path) -> None:
     differ between engines, so float32 results may round to neighbouring float16 values)."""
     from soundnet.shards.reader import iter_samples
 
-    assert ledgers(out) == ledgers(reference)
+    def comparable(run: Path) -> tuple[list[dict], list[dict]]:  # the posteriors' digests may differ with them
+        index, failures = ledgers(run)
+        return [{**r, "sha256": [m for m in r["sha256"] if m[0] in ("audio.npy", "json")]} for r in index], failures
+
+    assert comparable(out) == comparable(reference)
     ours, theirs = (
         {s.key: s for s in iter_samples(sorted(str(p) for p in d.glob("shard-*.tar")))} for d in (out, reference)
     )
