@@ -98,7 +98,8 @@ def run_task(
     ``batch_frames`` frames with ``label``; up to ``in_flight`` labelling calls may run while the next batch is
     decoded. Yields an :class:`InputDone` for each input as its result is recorded, then the task's stats once
     the shard is committed (:class:`TaskDropped` when another run took the task over): always ``len(task.inputs)
-    + 1`` events when it does not raise, so a redone task reports the same sequence again."""
+    + 1`` events when it does not raise, however the inputs were batched (a Ray task that is redone continues its
+    stream where the earlier try left it)."""
     try:
         with TaskWriter(layout, task, claim) as writer:
             pending: deque[Pending] = deque()

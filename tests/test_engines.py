@@ -1,6 +1,6 @@
 """Stage one's engines and run bookkeeping: what a decoding worker imports, workers that die with `ingest`, the
-clip layout and statistics a run records, several runs on one --out, claims, and clear errors for a full disk,
-a read-only --out and teacher weights that do not load."""
+clip layout and statistics a run records, progress reported per input, several runs on one --out, claims, and
+clear errors for a full disk, a read-only --out and teacher weights that do not load."""
 
 from __future__ import annotations
 
@@ -281,46 +281,47 @@ def test_an_impossible_clip_layout_is_a_usage_error(tmp_path) -> None:
 
 
 class Recorder:
-    """A run's progress as the engine reports it, with whether the task was complete at each input's event."""
+    """The calls a run makes on its progress, and for each input's call whether its task was complete yet."""
 
     def __init__(self, out: Path) -> None:
         self.layout = RunLayout(out)
-        self.events: list[tuple] = []
+        self.calls: list[tuple[str, tuple]] = []
+        self.complete_at_input: list[bool] = []
 
     def on_input(self, task: int, ok: bool) -> None:
-        self.events.append(("input", task, ok, self.layout.is_complete(task)))
+        self.calls.append(("input", (task, ok)))
+        self.complete_at_input.append(self.layout.is_complete(task))
 
     def on_task(self, stats: TaskStats) -> None:
-        self.events.append(("task", stats))
+        self.calls.append(("task", (stats,)))
 
     def on_dropped(self, task: int) -> None:
-        self.events.append(("dropped", task))
+        self.calls.append(("dropped", (task,)))
 
 
-def replay(events: list[tuple], bar: ProgressBar) -> None:
-    for kind, *args in events:
-        if kind == "input":
-            bar.on_input(*args[:2])
-        else:
-            getattr(bar, f"on_{kind}")(*args)
+def replay(calls: list[tuple[str, tuple]], bar: ProgressBar) -> None:
+    for name, args in calls:
+        getattr(bar, f"on_{name}")(*args)
 
 
 @pytest.mark.slow
 def test_progress_is_reported_per_input_while_the_shard_is_written(tmp_path) -> None:
-    """The 16 real videos in one shard task: 16 input events, each before the task is complete, then its stats;
+    """The 16 real videos in one shard task: 16 input calls, each before the task is complete, then its stats;
     the bar shows them as they come and ends with the counts of the shard stats and summary.json."""
     out = tmp_path / "out"
     recorder = Recorder(out)
     config = IngestConfig(keep_silent=True, samples_per_shard=16)
     summary = run_ingest(video_list(tmp_path, all_videos()), out, teacher_args()[1::2], config, workers=2,
                          batch_frames=16, progress=recorder)  # fmt: skip
-    *inputs, (kind, stats) = recorder.events
+    *inputs, (last, (stats,)) = recorder.calls
+    assert last == "task"
+    assert [(name, task) for name, (task, _) in inputs] == [("input", 0)] * 16
+    assert recorder.complete_at_input == [False] * 16  # reported while the shard was being written
     recorded = TaskStats.read(RunLayout(out), 0)
-    assert kind == "task" and (stats.task, stats.samples, stats.failures, stats.bytes, stats.audio_seconds) == (
+    assert (stats.task, stats.samples, stats.failures, stats.bytes, stats.audio_seconds) == (
         recorded.task, recorded.samples, recorded.failures, recorded.bytes, recorded.audio_seconds)  # fmt: skip
-    assert [(k, task, complete) for k, task, _, complete in inputs] == [("input", 0, False)] * 16
-    oks = [ok for *_, ok, _ in inputs]
-    assert (sum(oks), oks.count(False)) == (stats.samples, stats.inputs - stats.samples) == (13, 3)
+    oks = [ok for _, (_, ok) in inputs]
+    assert (oks.count(True), oks.count(False)) == (stats.samples, stats.inputs - stats.samples) == (13, 3)
     totals = json.loads((out / "summary.json").read_text())
     assert (totals["samples"], totals["failures"]) == (summary.samples, summary.failures) == (13, 3)
 
@@ -328,8 +329,8 @@ def test_progress_is_reported_per_input_while_the_shard_is_written(tmp_path) -> 
     with ProgressBar(16, file=shown, mininterval=0) as bar:
         replay(inputs[:5], bar)
         assert bar.bar.n == 5 and bar.samples + bar.failures == 5 and "5/16" in shown.getvalue()
-        replay([("dropped", 0)], bar)  # a task given up takes back what its inputs reported
+        replay([("dropped", (0,))], bar)  # a task given up takes back what its inputs reported
         assert (bar.bar.n, bar.samples, bar.failures) == (0, 0, 0)
-        replay(recorder.events, bar)
+        replay(recorder.calls, bar)
         assert (bar.bar.n, bar.samples, bar.failures) == (16, 13, 3)
     assert "16/16" in shown.getvalue() and "samples=13, failed=3" in shown.getvalue()
