@@ -20,7 +20,7 @@ from functools import partial
 
 from soundnet.ingest.claims import Claim
 from soundnet.ingest.config import IngestConfig, ShardTask
-from soundnet.ingest.engine import OnTask, Work
+from soundnet.ingest.engine import Progress, Work, report
 from soundnet.ingest.inputs import VideoInput
 from soundnet.ingest.label import Labeller
 from soundnet.ingest.task import Pending, run_task
@@ -99,7 +99,7 @@ class LocalEngine:
         labelled = self.labeller.label(batch)  # here, at once: the workers decode ahead meanwhile
         return lambda: labelled
 
-    def run(self, work: Work, layout: RunLayout, config: IngestConfig, on_task: OnTask) -> None:
+    def run(self, work: Work, layout: RunLayout, config: IngestConfig, progress: Progress) -> None:
         claimed: deque[tuple[ShardTask, Claim | None]] = deque()
 
         def items() -> Iterator[VideoInput]:  # a task is claimed when the decoding window reaches it
@@ -114,9 +114,8 @@ class LocalEngine:
             while (first := next(decoded, None)) is not None:
                 task, claim = claimed.popleft()
                 stream = itertools.chain([first], itertools.islice(decoded, len(task.inputs) - 1))
-                stats = run_task(task, layout, stream, self._label, self.batch_frames, claim=claim)
-                if stats is not None:
-                    on_task(stats)
+                for event in run_task(task, layout, stream, self._label, self.batch_frames, claim=claim):
+                    report(event, progress)
             ok = True
         finally:
             pool.close(wait=ok)  # interrupted: do not wait for decodes in flight (the workers exit with us)

@@ -3,12 +3,14 @@
 One Ray task per shard task runs the shard-task body (:func:`soundnet.ingest.task.run_task`) into the run folder
 (a shared filesystem on a cluster). It decodes its inputs as one-CPU Ray tasks, a bounded window ahead, and sends
 the decoded clips in batches to a pool of teacher actors: one loaded teacher set per GPU (CPU actors on a cluster
-without GPUs), each batching frames across videos, whichever shard task they come from.
+without GPUs), each batching frames across videos, whichever shard task they come from. It is a Ray generator:
+each input's progress event goes to the driver as it is yielded, with the labelled batch, and nothing waits on it.
 
 Ray redoes what a dead process was running: a decode (an input that kills its worker on every try becomes a
 ``worker_crashed`` row), a labelling call (the actor is restarted and reloads its teachers) or a whole shard task
-(its shard is written again from the start). A shard task is complete only when its ledger parts exist, and they
-are written after the shard is in place, so every input still ends exactly once in the ledgers.
+(its shard is written again from the start; every try yields as many events, and the driver gets only those
+that earlier tries did not send). A shard task is complete only when its ledger parts exist, and they are written
+after the shard is in place, so every input still ends exactly once in the ledgers.
 
 Joining a cluster started with ``ray start --head`` (Ray 2.59+ turns on token authentication for it when a token
 exists): the driver uses the token from Ray's standard places, :mod:`soundnet.ingest.ray_auth`.
@@ -31,12 +33,11 @@ from ray.exceptions import OutOfMemoryError, RayError, WorkerCrashedError
 
 from soundnet.ingest.claims import Claim
 from soundnet.ingest.config import IngestConfig, ShardTask
-from soundnet.ingest.engine import OnTask, Work
+from soundnet.ingest.engine import Event, InputDone, Progress, TaskDropped, Work, report
 from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import VideoInput
 from soundnet.ingest.label import Labeller
 from soundnet.ingest.ray_auth import AUTH_HELP
-from soundnet.ingest.stats import TaskStats
 from soundnet.ingest.task import Labelled, Pending, run_task
 from soundnet.ingest.worker import Decoded, decode_input, failure_row
 from soundnet.shards.ledger import RunLayout
@@ -88,8 +89,8 @@ def write_shard(
     teachers: list[ActorHandle],
     window: int,
     batch_frames: int,
-) -> TaskStats | None:
-    """Decode, label and write one shard; returns its stats (None when another run took the task over).
+) -> Iterator[Event]:
+    """Decode, label and write one shard, streaming its events (:func:`soundnet.ingest.task.run_task`).
 
     Takes no CPU of its own: it mostly waits on its decodes and labelling calls, and the driver bounds how many
     shard tasks run at once. Results are added in input order, so the shard equals the local engine's.
@@ -113,7 +114,7 @@ def write_shard(
         ref = teachers[next(turns) % len(teachers)].label.remote(batch)
         return lambda: ray.get(ref)
 
-    return run_task(task, RunLayout(out_dir), decoded(), label, batch_frames, LABEL_CALLS_IN_FLIGHT, claim)
+    yield from run_task(task, RunLayout(out_dir), decoded(), label, batch_frames, LABEL_CALLS_IN_FLIGHT, claim)
 
 
 def _join(address: str) -> None:
@@ -198,27 +199,27 @@ class RayEngine:
         self.pool, short_side = _teacher_pool(self.specs, self.device, self.batch_frames, self.teacher_actors)
         return short_side
 
-    def run(self, work: Work, layout: RunLayout, config: IngestConfig, on_task: OnTask) -> None:
+    def run(self, work: Work, layout: RunLayout, config: IngestConfig, progress: Progress) -> None:
         window = max(8, 2 * math.ceil(self.batch_frames / config.max_frames))  # decodes ahead, per shard task
         decode_cpus = int(ray.cluster_resources().get("CPU", 0)) - len(self.pool)
         in_flight = max(2, len(self.pool) + 1, math.ceil(2 * decode_cpus / window))
-        todo, running, failed = iter(work), {}, []
+        out, todo, running, failed = str(layout.out_dir), iter(work), {}, []
         while True:
             while len(running) < in_flight and (next_work := next(todo, None)) is not None:
                 task, claim = next_work
-                ref = write_shard.remote(task, claim, str(layout.out_dir), config, self.pool, window, self.batch_frames)
-                running[ref] = task
+                running[write_shard.remote(task, claim, out, config, self.pool, window, self.batch_frames)] = task
             if not running:
                 break
-            done, _ = ray.wait(list(running), num_returns=1)
-            task = running.pop(done[0])
+            (events,), _ = ray.wait(list(running), num_returns=1)  # a shard task with an event to hand on
+            task = running[events]
             try:
-                stats = ray.get(done[0])
+                event = ray.get(next(events))
             except RayError as exc:
                 failed.append(f"shard task {task.index}: {str(exc).strip().splitlines()[-1]}")
-                continue
-            if stats is not None:
-                on_task(stats)
+                event = TaskDropped(task.index)
+            if not isinstance(event, InputDone):  # the task's last event
+                del running[events]
+            report(event, progress)
         if failed:
             raise RunError(
                 f"{len(failed)} shard tasks failed after {TASK_RETRIES} retries ({'; '.join(failed[:3])}); "

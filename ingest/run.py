@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from soundnet.ingest.claims import CLAIM_TIMEOUT_S, Claims
 from soundnet.ingest.config import IngestConfig, ShardTask, make_tasks
-from soundnet.ingest.engine import Engine, Work
+from soundnet.ingest.engine import Engine, Progress, Work
 from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import read_video_list
 from soundnet.ingest.stats import TaskStats, run_summary
@@ -50,6 +50,60 @@ class RunSummary:
     @property
     def videos_per_s(self) -> float:
         return self.inputs / self.seconds if self.seconds else 0.0
+
+
+class ProgressBar:
+    """The run's tqdm bar over the inputs of the tasks it runs, with the samples and failures so far: it moves as
+    each input is recorded, and each finished task's stats then replace what its inputs reported (a dropped task's
+    are taken back), so it ends with the counts of the shard stats and ``summary.json``."""
+
+    def __init__(self, total: int, **tqdm_options) -> None:
+        self.bar = tqdm(total=total, unit="video", desc="ingest", dynamic_ncols=True, **tqdm_options)
+        self.samples = self.failures = 0
+        self._reported: dict[int, list[int]] = {}  # per task not settled yet: [samples, failures] reported
+
+    def _add(self, samples: int, failures: int) -> None:
+        self.samples, self.failures = self.samples + samples, self.failures + failures
+        self.bar.set_postfix({"samples": self.samples, "failed": self.failures}, refresh=False)
+        self.bar.update(samples + failures)
+
+    def on_input(self, task: int, ok: bool) -> None:
+        self._reported.setdefault(task, [0, 0])[0 if ok else 1] += 1
+        self._add(int(ok), int(not ok))
+
+    def on_task(self, stats: TaskStats) -> None:
+        samples, failures = self._reported.pop(stats.task, (0, 0))
+        self._add(stats.samples - samples, stats.inputs - stats.samples - failures)
+
+    def on_dropped(self, task: int) -> None:
+        samples, failures = self._reported.pop(task, (0, 0))
+        self._add(-samples, -failures)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+class _Bookkeeping:
+    """The run's own :class:`Progress`: releases each finished task's claim and keeps its stats, then tells
+    ``view`` (the bar, or the caller's)."""
+
+    def __init__(self, claims: Claims, view: Progress) -> None:
+        self.claims, self.view = claims, view
+        self.done: list[TaskStats] = []
+
+    def on_input(self, task: int, ok: bool) -> None:
+        self.view.on_input(task, ok)
+
+    def on_task(self, stats: TaskStats) -> None:
+        self.claims.release(self.claims.held(stats.task))
+        self.done.append(stats)
+        self.view.on_task(stats)
+
+    def on_dropped(self, task: int) -> None:
+        self.view.on_dropped(task)
 
 
 def _check_writable(out: Path) -> None:
@@ -182,13 +236,15 @@ def run_ingest(
     ray_address: str | None = None,
     ray_teachers: int | None = None,
     claim_timeout_s: float = CLAIM_TIMEOUT_S,
+    progress: Progress | None = None,
 ) -> RunSummary:
     """Run stage one; returns counts. Failures of single inputs are data (the ledger), not exceptions.
 
     ``engine`` "ray" runs on the Ray cluster at ``ray_address`` (default: a Ray started on this machine), with
     ``ray_teachers`` teacher actors (default: one per GPU). Weights files are checked here unless they are only
     needed on the machines of a cluster joined by address. The teachers are loaded before ``run.json`` is
-    written, so weights that fail to load leave nothing that blocks the corrected rerun.
+    written, so weights that fail to load leave nothing that blocks the corrected rerun. ``progress`` is told
+    about every input and task as it is recorded (default: a :class:`ProgressBar` on stderr).
     """
     from soundnet.teachers import parse_specs
 
@@ -204,7 +260,7 @@ def run_ingest(
         with _disk_errors(layout.out_dir):
             joined = _start_or_join(layout, _manifest(inputs, config, [str(s) for s in specs]), resume)
             with Claims(layout, claim_timeout_s) as claims:
-                return _run(runner, layout, inputs, config, claims, joined, start, engine, workers)
+                return _run(runner, layout, inputs, config, claims, joined, start, engine, workers, progress)
     finally:
         runner.close()
 
@@ -219,6 +275,7 @@ def _run(
     start: float,
     engine: str,
     workers: int,
+    progress: Progress | None,
 ) -> RunSummary:
     if joined:
         removed = layout.sweep_temporaries(busy=claims.live_others(), min_age_s=claims.timeout_s)
@@ -231,18 +288,13 @@ def _run(
         log.info("joining the run in %s: %d shard tasks are being written by other runs", layout.out_dir, len(others))
     log.info("%d inputs in %d shard tasks; %d to run", len(inputs), len(tasks), len(todo))
 
-    done: list[TaskStats] = []
-    with tqdm(total=sum(len(t.inputs) for t in todo), unit="video", desc="ingest", dynamic_ncols=True) as bar:
-
-        def on_task(stats: TaskStats) -> None:
-            claims.release(claims.held(stats.task))
-            done.append(stats)
-            bar.update(stats.inputs)
-            bar.set_postfix(samples=sum(s.samples for s in done), failed=bar.n - sum(s.samples for s in done))
-
+    total = sum(len(t.inputs) for t in todo)
+    with contextlib.nullcontext(progress) if progress is not None else ProgressBar(total) as view:
+        books = _Bookkeeping(claims, view)
+        done = books.done
         while todo:  # again while tasks of runs that stopped meanwhile can be taken over
             before = len(done)
-            runner.run(_claimed(todo, layout, claims), layout, config, on_task)
+            runner.run(_claimed(todo, layout, claims), layout, config, books)
             todo = [t for t in todo if not layout.is_complete(t.index)]
             if len(done) == before:
                 break

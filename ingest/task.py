@@ -1,15 +1,17 @@
 """The body of one shard task, written once for every engine: decoded inputs -> batches of frames -> teachers ->
-shard, stats and ledger parts. An engine supplies only how decoding and labelling run."""
+shard, stats and ledger parts, reporting each input as it is recorded. An engine supplies only how decoding and
+labelling run, and hands the events on to the run's :class:`~soundnet.ingest.engine.Progress`."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from soundnet.ingest.claims import Claim, ClaimLost
 from soundnet.ingest.config import ShardTask
+from soundnet.ingest.engine import Event, InputDone, TaskDropped
 from soundnet.ingest.label import Result
 from soundnet.ingest.stats import TaskStats
 from soundnet.ingest.worker import Decoded, failure_row, frame_count
@@ -44,9 +46,12 @@ class TaskWriter:
         self._writer.__enter__()
         return self
 
-    def add(self, results: Sequence[Result]) -> None:
+    def add(self, results: Sequence[Result]) -> list[bool]:
+        """Write the samples, keep the failure rows; per result, whether it went into the shard."""
         start = time.perf_counter()
+        written = []
         for result in results:
+            failures = len(self.failures)
             if isinstance(result, Sample):
                 try:
                     self._writer.write(result)
@@ -55,7 +60,9 @@ class TaskWriter:
                     self.failures.append(failure_row(src, "write", "invalid_sample", str(exc), "ValueError"))
             else:
                 self.failures.append(result)
+            written.append(len(self.failures) == failures)
         self.stats.write_s += time.perf_counter() - start
+        return written
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None and self.claim is not None and not self.claim.held():
@@ -86,19 +93,23 @@ def run_task(
     batch_frames: int,
     in_flight: int = 0,
     claim: Claim | None = None,
-) -> TaskStats | None:
+) -> Iterator[Event]:
     """Write ``task``'s shard from its ``decoded`` inputs (in input order), labelling batches of about
     ``batch_frames`` frames with ``label``; up to ``in_flight`` labelling calls may run while the next batch is
-    decoded. Returns the task's stats, or None when another run took the task over."""
+    decoded. Yields an :class:`InputDone` for each input as its result is recorded, then the task's stats once
+    the shard is committed (:class:`TaskDropped` when another run took the task over): always ``len(task.inputs)
+    + 1`` events when it does not raise, however the inputs were batched (a Ray task that is redone continues its
+    stream where the earlier try left it)."""
     try:
         with TaskWriter(layout, task, claim) as writer:
             pending: deque[Pending] = deque()
 
-            def collect(keep: int) -> None:
+            def collect(keep: int) -> Iterator[InputDone]:
                 while len(pending) > keep:
                     results, seconds = pending.popleft()()
                     writer.stats.label_s += seconds
-                    writer.add(results)
+                    for ok in writer.add(results):
+                        yield InputDone(task.index, ok)
 
             batch: list[Decoded] = []
             for d in decoded:
@@ -107,11 +118,12 @@ def run_task(
                 if frame_count(batch) >= batch_frames:
                     pending.append(label(batch))
                     batch = []
-                    collect(in_flight)
+                    yield from collect(in_flight)
             if batch:
                 pending.append(label(batch))
-            collect(0)
+            yield from collect(0)
     except ClaimLost as exc:
         log.warning("%s; its inputs are left to that run", exc)
-        return None
-    return writer.stats
+        yield TaskDropped(task.index)
+        return
+    yield writer.stats

@@ -1,10 +1,11 @@
 """Stage one's engines and run bookkeeping: what a decoding worker imports, workers that die with `ingest`, the
-clip layout and statistics a run records, several runs on one --out, claims, and clear errors for a full disk,
-a read-only --out and teacher weights that do not load."""
+clip layout and statistics a run records, progress reported per input, several runs on one --out, claims, and
+clear errors for a full disk, a read-only --out and teacher weights that do not load."""
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import signal
@@ -20,6 +21,8 @@ from soundnet.ingest.claims import Claims
 from soundnet.ingest.config import IngestConfig
 from soundnet.ingest.inputs import VideoInput
 from soundnet.ingest.local import DecodePool
+from soundnet.ingest.run import ProgressBar, run_ingest
+from soundnet.ingest.stats import TaskStats
 from soundnet.shards.contract import ClipLayout
 from soundnet.shards.ledger import RunLayout
 from soundnet.shards.reader import iter_samples
@@ -275,3 +278,59 @@ def test_an_impossible_clip_layout_is_a_usage_error(tmp_path) -> None:
     )
     assert result.exit_code == 2 and "clip layout needs a positive" in result.output
     assert not (tmp_path / "o").exists()
+
+
+class Recorder:
+    """The calls a run makes on its progress, and for each input's call whether its task was complete yet."""
+
+    def __init__(self, out: Path) -> None:
+        self.layout = RunLayout(out)
+        self.calls: list[tuple[str, tuple]] = []
+        self.complete_at_input: list[bool] = []
+
+    def on_input(self, task: int, ok: bool) -> None:
+        self.calls.append(("input", (task, ok)))
+        self.complete_at_input.append(self.layout.is_complete(task))
+
+    def on_task(self, stats: TaskStats) -> None:
+        self.calls.append(("task", (stats,)))
+
+    def on_dropped(self, task: int) -> None:
+        self.calls.append(("dropped", (task,)))
+
+
+def replay(calls: list[tuple[str, tuple]], bar: ProgressBar) -> None:
+    for name, args in calls:
+        getattr(bar, f"on_{name}")(*args)
+
+
+@pytest.mark.slow
+def test_progress_is_reported_per_input_while_the_shard_is_written(tmp_path) -> None:
+    """The 16 real videos in one shard task: 16 input calls, each before the task is complete, then its stats;
+    the bar shows them as they come and ends with the counts of the shard stats and summary.json."""
+    out = tmp_path / "out"
+    recorder = Recorder(out)
+    config = IngestConfig(keep_silent=True, samples_per_shard=16)
+    summary = run_ingest(video_list(tmp_path, all_videos()), out, teacher_args()[1::2], config, workers=2,
+                         batch_frames=16, progress=recorder)  # fmt: skip
+    *inputs, (last, (stats,)) = recorder.calls
+    assert last == "task"
+    assert [(name, task) for name, (task, _) in inputs] == [("input", 0)] * 16
+    assert recorder.complete_at_input == [False] * 16  # reported while the shard was being written
+    recorded = TaskStats.read(RunLayout(out), 0)
+    assert (stats.task, stats.samples, stats.failures, stats.bytes, stats.audio_seconds) == (
+        recorded.task, recorded.samples, recorded.failures, recorded.bytes, recorded.audio_seconds)  # fmt: skip
+    oks = [ok for _, (_, ok) in inputs]
+    assert (oks.count(True), oks.count(False)) == (stats.samples, stats.inputs - stats.samples) == (13, 3)
+    totals = json.loads((out / "summary.json").read_text())
+    assert (totals["samples"], totals["failures"]) == (summary.samples, summary.failures) == (13, 3)
+
+    shown = io.StringIO()
+    with ProgressBar(16, file=shown, mininterval=0) as bar:
+        replay(inputs[:5], bar)
+        assert bar.bar.n == 5 and bar.samples + bar.failures == 5 and "5/16" in shown.getvalue()
+        replay([("dropped", (0,))], bar)  # a task given up takes back what its inputs reported
+        assert (bar.bar.n, bar.samples, bar.failures) == (0, 0, 0)
+        replay(recorder.calls, bar)
+        assert (bar.bar.n, bar.samples, bar.failures) == (16, 13, 3)
+    assert "16/16" in shown.getvalue() and "samples=13, failed=3" in shown.getvalue()
