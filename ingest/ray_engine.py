@@ -135,7 +135,8 @@ def _connect(address: str | None, cpus: int, gpus: int) -> None:
         _join(address)
         return
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # started by us: no usage reports to the internet
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False)
+    # "local": a Ray of our own even when this machine already runs one (`ray start`), which we must not join
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False)
 
 
 def _teacher_pool(
