@@ -20,6 +20,7 @@ Only the command line and the run folder's documented files (``shard-*.tar``, ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -31,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -69,7 +71,6 @@ CODECS = {
 LAYOUTS = (("mono", 1), ("stereo", 2), ("5.1", 6))
 RATES = (44100, 48000)
 SEGMENT_S = 10.0  # encoded once per video; longer videos loop it without re-encoding
-SAMPLES_PER_SHARD = 20  # the same for every N, so the number of shard tasks grows with N
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,13 @@ def generate(spec: VideoSpec, folder: Path) -> Path:
         looped = Path(tmp) / f"looped{suffix}"
         if spec.duration_s > segment_s:
             loops = int(spec.duration_s // segment_s)
-            _ffmpeg("-stream_loop", str(loops), "-i", str(segment), "-c", "copy", "-t", str(spec.duration_s), str(looped))
+            _ffmpeg(
+                "-stream_loop",
+                str(loops),
+                "-i",
+                str(segment),
+                *("-c", "copy", "-t", str(spec.duration_s), str(looped)),
+            )
         else:
             segment.rename(looped)
         looped.rename(out)
@@ -186,9 +193,13 @@ def _proc(pid: int) -> tuple[str, int] | None:
     return cmdline, hwm
 
 
-def _kind(cmdline: str, depth: int) -> str:
+def _kind(cmdline: str, depth: int, root_cmdline: str) -> str | None:
     if depth == 0:
         return "main (ingest run)"
+    if not cmdline:  # exited, not yet reaped
+        return None
+    if cmdline == root_cmdline:  # between fork and exec (a library running a command): its pages are main's
+        return "fork of main (before exec)"
     if "resource_tracker" in cmdline:
         return "resource tracker"
     if "multiprocessing" in cmdline or "spawn_main" in cmdline:
@@ -203,6 +214,7 @@ class TreeSampler:
         self.root = root
         self.peak_kb: dict[str, int] = {}
         self.seen: set[int] = set()
+        self.root_cmdline = ""
 
     def sample(self) -> None:
         frontier = [(self.root, 0)]
@@ -211,16 +223,20 @@ class TreeSampler:
             info = _proc(pid)
             if info is None:
                 continue
-            kind = _kind(info[0], depth)
+            if depth == 0:
+                self.root_cmdline = info[0]
+            kind = _kind(info[0], depth, self.root_cmdline)
+            if kind is None:
+                continue
             self.peak_kb[kind] = max(self.peak_kb.get(kind, 0), info[1])
             self.seen.add(pid)
             frontier += [(c, depth + 1) for c in _children(pid)]
 
 
-def ingest_cmd(listing: Path, out: Path, workers: int, resume: bool) -> list[str]:
+def ingest_cmd(listing: Path, out: Path, workers: int, per_shard: int, resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "soundnet.ingest", "run", "--videos", str(listing), "--out", str(out)]
     cmd += [a for t in TEACHERS for a in ("--teacher", t)]
-    cmd += ["--workers", str(workers), "--samples-per-shard", str(SAMPLES_PER_SHARD), "--keep-silent"]
+    cmd += ["--workers", str(workers), "--samples-per-shard", str(per_shard), "--keep-silent"]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -254,10 +270,8 @@ def run_ingest(cmd: list[str], log: Path, kill_at_shards: int | None = None, out
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     # the group may hold workers that outlived a killed parent: make sure none keeps running into the next run
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return RunResult(wall, cpu, proc.returncode, sampler.peak_kb, len(sampler.seen), killed)
 
 
@@ -265,17 +279,18 @@ def _size(paths) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def rehearse(n: int, cache: Path, work: Path, workers: int) -> dict:
+def rehearse(n: int, cache: Path, work: Path, workers: int, per_shard: int) -> dict:
     print(f"N = {n}: corpus", flush=True)
     listing = corpus(n, cache)
     sources = listing.read_text().split("\n")[:-1]
-    tasks = -(-n // SAMPLES_PER_SHARD)
+    tasks = -(-n // per_shard)
+    half = max(1, tasks // 2)
     corpus_bytes = _size(Path(s) for s in sources)
 
     out = work / f"full-{n}"
     shutil.rmtree(out, ignore_errors=True)
     print(f"N = {n}: full run", flush=True)
-    full = run_ingest(ingest_cmd(listing, out, workers, resume=False), work / f"full-{n}.log")
+    full = run_ingest(ingest_cmd(listing, out, workers, per_shard, resume=False), work / f"full-{n}.log")
     if full.returncode != 0:
         raise SystemExit(f"ingest failed (exit {full.returncode}); see {work / f'full-{n}.log'}")
     index, failures = pq.read_table(out / "index.parquet"), pq.read_table(out / "failures.parquet")
@@ -286,8 +301,9 @@ def rehearse(n: int, cache: Path, work: Path, workers: int) -> dict:
     shutil.rmtree(killed_out, ignore_errors=True)
     print(f"N = {n}: run killed at half way, then --resume", flush=True)
     log = work / f"killed-{n}.log"
-    first = run_ingest(ingest_cmd(listing, killed_out, workers, False), log, kill_at_shards=tasks // 2, out=killed_out)
-    resumed = run_ingest(ingest_cmd(listing, killed_out, workers, resume=True), log)
+    cmd = ingest_cmd(listing, killed_out, workers, per_shard, resume=False)
+    first = run_ingest(cmd, log, kill_at_shards=half, out=killed_out)
+    resumed = run_ingest(ingest_cmd(listing, killed_out, workers, per_shard, resume=True), log)
     resumed_index = pq.read_table(killed_out / "index.parquet")
     resumed_failures = pq.read_table(killed_out / "failures.parquet")
     resumed_accounted = sorted(
@@ -296,12 +312,12 @@ def rehearse(n: int, cache: Path, work: Path, workers: int) -> dict:
     return {
         "n": n,
         "workers": workers,
+        "samples_per_shard": per_shard,
         "shard_tasks": tasks,
         "corpus_bytes": corpus_bytes,
         "samples": index.num_rows,
         "failures": failures.num_rows,
-        "failure_reasons": dict(zip(*pq.read_table(out / "failures.parquet").group_by("reason").aggregate(
-            [("reason", "count")]).to_pydict().values(), strict=False)) if failures.num_rows else {},
+        "failure_reasons": dict(Counter(failures.column("reason").to_pylist())),
         "every_input_once": accounted == sorted(sources),
         "wall_s": round(full.wall_s, 1),
         "cpu_s": round(full.cpu_s, 1),
@@ -316,7 +332,7 @@ def rehearse(n: int, cache: Path, work: Path, workers: int) -> dict:
         "shard_bytes": _size(out.glob("shard-*.tar")),
         "kill": {
             "killed": first.killed,
-            "shards_before_kill": tasks // 2,
+            "shards_before_kill": half,
             "wall_s_before_kill": round(first.wall_s, 1),
             "resume_wall_s": round(resumed.wall_s, 1),
             "resume_exit": resumed.returncode,
@@ -331,6 +347,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="corpus sizes (repeatable; default 60 and 240)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=20, help="the same for every N, so the shard tasks grow with N"
+    )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "soundnet-scale")
     parser.add_argument("--generate-only", action="store_true", help="only generate (and cache) the corpora")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -344,7 +363,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in sizes:
-        results.append(rehearse(n, args.cache, work, args.workers))
+        results.append(rehearse(n, args.cache, work, args.workers, args.samples_per_shard))
         print(json.dumps(results[-1], indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
