@@ -9,6 +9,7 @@ a ``duplicate`` failure under the spelling it came as, so the same video never b
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -69,8 +70,9 @@ def _from_table(rows: list[dict], where: str) -> list[tuple[str, str | None]]:
 
 
 def _read_utf8(path: Path) -> str:
-    """The text of a list file, or an error naming the file and the line that is not UTF-8 text."""
-    data = path.read_bytes()
+    """The text of a list file (a UTF-8 byte order mark dropped), or an error naming the file and the line that is
+    not UTF-8 text."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     if b"\0" in data:
         kind = container_signature(path)
         if kind:

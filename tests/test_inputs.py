@@ -184,6 +184,8 @@ def test_non_utf8_list_names_file_and_line(tmp_path) -> None:
         read_video_list(listing)
     assert str(err.value) == f"--videos {listing}: line 3 is not UTF-8 text (byte 0xe9); save the list as UTF-8"
     table = tmp_path / "list.csv"
+    table.write_bytes(b"\xef\xbb\xbfpath,id\n/videos/a.mp4,a\n")  # a byte order mark, as Windows tools write
+    assert [i.key for i in read_video_list(table)] == ["a"]
     table.write_bytes(b"path,id\n/videos/a.mp4,a\n/videos/\xff.mp4,b\n")
     with pytest.raises(InputListError, match=rf"{table}: line 3 is not UTF-8"):
         read_video_list(table)
