@@ -182,15 +182,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _proc(pid: int) -> tuple[str, int] | None:
-    """(command line, VmHWM in kB) of a live process, or None once it is gone."""
+def _proc(pid: int) -> tuple[str, int, float] | None:
+    """(command line, VmHWM in kB, CPU seconds so far) of a live process, or None once it is gone."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-    return cmdline, hwm
+    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15, after the command name
+    return cmdline, hwm, (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
 
 
 def _kind(cmdline: str, depth: int, root_cmdline: str) -> str | None:
@@ -208,13 +210,14 @@ def _kind(cmdline: str, depth: int, root_cmdline: str) -> str | None:
 
 
 class TreeSampler:
-    """Polls the RSS high-water marks of a process and all its descendants, per process kind."""
+    """Polls the RSS high-water marks and CPU times of a process and all its descendants, per process kind."""
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.peak_kb: dict[str, int] = {}
         self.seen: set[int] = set()
         self.root_cmdline = ""
+        self.cpu_s: dict[int, tuple[str, float]] = {}  # pid: (kind, CPU seconds at its last sample)
 
     def sample(self) -> None:
         frontier = [(self.root, 0)]
@@ -229,6 +232,7 @@ class TreeSampler:
             if kind is None:
                 continue
             self.peak_kb[kind] = max(self.peak_kb.get(kind, 0), info[1])
+            self.cpu_s[pid] = (kind, info[2])
             self.seen.add(pid)
             frontier += [(c, depth + 1) for c in _children(pid)]
 
@@ -246,6 +250,7 @@ class RunResult:
     cpu_s: float
     returncode: int
     peak_kb: dict[str, int]
+    cpu_by_kind: dict[str, float]
     processes: int
     killed: bool = False
 
@@ -272,19 +277,21 @@ def run_ingest(cmd: list[str], log: Path, kill_at_shards: int | None = None, out
     # the group may hold workers that outlived a killed parent: make sure none keeps running into the next run
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    return RunResult(wall, cpu, proc.returncode, sampler.peak_kb, len(sampler.seen), killed)
+    by_kind = Counter()
+    for kind, seconds in sampler.cpu_s.values():
+        by_kind[kind] += seconds
+    return RunResult(wall, cpu, proc.returncode, sampler.peak_kb, dict(by_kind), len(sampler.seen), killed)
 
 
 def _size(paths) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def rehearse(n: int, cache: Path, work: Path, workers: int, per_shard: int) -> dict:
+def rehearse(n: int, cache: Path, work: Path, workers: int, per_shard: int, kill: bool = True) -> dict:
     print(f"N = {n}: corpus", flush=True)
     listing = corpus(n, cache)
     sources = listing.read_text().split("\n")[:-1]
     tasks = -(-n // per_shard)
-    half = max(1, tasks // 2)
     corpus_bytes = _size(Path(s) for s in sources)
 
     out = work / f"full-{n}"
@@ -297,19 +304,7 @@ def rehearse(n: int, cache: Path, work: Path, workers: int, per_shard: int) -> d
     audio_h = sum(index.column("audio_seconds").to_pylist()) / 3600
     accounted = sorted(index.column("source").to_pylist() + failures.column("source").to_pylist())
 
-    killed_out = work / f"killed-{n}"
-    shutil.rmtree(killed_out, ignore_errors=True)
-    print(f"N = {n}: run killed at half way, then --resume", flush=True)
-    log = work / f"killed-{n}.log"
-    cmd = ingest_cmd(listing, killed_out, workers, per_shard, resume=False)
-    first = run_ingest(cmd, log, kill_at_shards=half, out=killed_out)
-    resumed = run_ingest(ingest_cmd(listing, killed_out, workers, per_shard, resume=True), log)
-    resumed_index = pq.read_table(killed_out / "index.parquet")
-    resumed_failures = pq.read_table(killed_out / "failures.parquet")
-    resumed_accounted = sorted(
-        resumed_index.column("source").to_pylist() + resumed_failures.column("source").to_pylist()
-    )
-    return {
+    result = {
         "n": n,
         "workers": workers,
         "samples_per_shard": per_shard,
@@ -325,21 +320,45 @@ def rehearse(n: int, cache: Path, work: Path, workers: int, per_shard: int) -> d
         "videos_per_cpu_s": round(n / full.cpu_s, 3),
         "audio_hours": round(audio_h, 4),
         "audio_hours_per_core_hour": round(audio_h / (full.cpu_s / 3600), 2),
+        "cpu_s_by_kind": {k: round(v, 1) for k, v in sorted(full.cpu_by_kind.items())},
         "peak_rss_mb": {k: round(v / 1024, 1) for k, v in sorted(full.peak_kb.items())},
         "processes": full.processes,
         "index_bytes": (out / "index.parquet").stat().st_size,
         "failures_bytes": (out / "failures.parquet").stat().st_size,
         "shard_bytes": _size(out.glob("shard-*.tar")),
-        "kill": {
-            "killed": first.killed,
-            "shards_before_kill": half,
-            "wall_s_before_kill": round(first.wall_s, 1),
-            "resume_wall_s": round(resumed.wall_s, 1),
-            "resume_exit": resumed.returncode,
-            "every_input_once": resumed_accounted == sorted(sources),
-            "same_samples_as_full_run": sorted(resumed_index.column("key").to_pylist())
-            == sorted(index.column("key").to_pylist()),
-        },
+    }
+    if kill:
+        result["kill"] = kill_and_resume(n, listing, sources, work, workers, per_shard, index.column("key").to_pylist())
+    return result
+
+
+def kill_and_resume(
+    n: int, listing: Path, sources: list[str], work: Path, workers: int, per_shard: int, keys: list[str]
+) -> dict:
+    """SIGKILL a run once half of its shards exist, then ``--resume`` it: how long the rest takes, and whether every
+    input ends exactly once, with the same samples as the uninterrupted run."""
+    tasks = -(-n // per_shard)
+    half = max(1, tasks // 2)
+    killed_out = work / f"killed-{n}"
+    shutil.rmtree(killed_out, ignore_errors=True)
+    print(f"N = {n}: run killed at half way, then --resume", flush=True)
+    log = work / f"killed-{n}.log"
+    cmd = ingest_cmd(listing, killed_out, workers, per_shard, resume=False)
+    first = run_ingest(cmd, log, kill_at_shards=half, out=killed_out)
+    resumed = run_ingest(ingest_cmd(listing, killed_out, workers, per_shard, resume=True), log)
+    resumed_index = pq.read_table(killed_out / "index.parquet")
+    resumed_failures = pq.read_table(killed_out / "failures.parquet")
+    resumed_accounted = sorted(
+        resumed_index.column("source").to_pylist() + resumed_failures.column("source").to_pylist()
+    )
+    return {
+        "killed": first.killed,
+        "shards_before_kill": half,
+        "wall_s_before_kill": round(first.wall_s, 1),
+        "resume_wall_s": round(resumed.wall_s, 1),
+        "resume_exit": resumed.returncode,
+        "every_input_once": resumed_accounted == sorted(sources),
+        "same_samples_as_full_run": sorted(resumed_index.column("key").to_pylist()) == sorted(keys),
     }
 
 
@@ -352,6 +371,7 @@ def main() -> None:
     )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "soundnet-scale")
     parser.add_argument("--generate-only", action="store_true", help="only generate (and cache) the corpora")
+    parser.add_argument("--no-kill", action="store_true", help="leave out the kill-and-resume runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     sizes = args.n or [60, 240]
@@ -363,7 +383,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in sizes:
-        results.append(rehearse(n, args.cache, work, args.workers, args.samples_per_shard))
+        results.append(rehearse(n, args.cache, work, args.workers, args.samples_per_shard, kill=not args.no_kill))
         print(json.dumps(results[-1], indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
