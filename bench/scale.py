@@ -182,17 +182,18 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _proc(pid: int) -> tuple[str, int, float] | None:
-    """(command line, VmHWM in kB, CPU seconds so far) of a live process, or None once it is gone."""
+def _proc(pid: int) -> tuple[str, int, float, int] | None:
+    """(command line, VmHWM in kB, CPU seconds so far, VmRSS in kB) of a live process, or None once it is gone."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         status = Path(f"/proc/{pid}/status").read_text()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Vm")}
     utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15, after the command name
-    return cmdline, hwm, (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+    cpu = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+    return cmdline, int(fields.get("VmHWM", 0)), cpu, int(fields.get("VmRSS", 0))
 
 
 def _kind(cmdline: str, depth: int, root_cmdline: str) -> str | None:
@@ -218,6 +219,7 @@ class TreeSampler:
         self.seen: set[int] = set()
         self.root_cmdline = ""
         self.cpu_s: dict[int, tuple[str, float]] = {}  # pid: (kind, CPU seconds at its last sample)
+        self.main_rss: list[tuple[float, int]] = []  # (time, kB): does the main process grow during a run?
 
     def sample(self) -> None:
         frontier = [(self.root, 0)]
@@ -228,6 +230,7 @@ class TreeSampler:
                 continue
             if depth == 0:
                 self.root_cmdline = info[0]
+                self.main_rss.append((time.perf_counter(), info[3]))
             kind = _kind(info[0], depth, self.root_cmdline)
             if kind is None:
                 continue
@@ -251,8 +254,12 @@ class RunResult:
     returncode: int
     peak_kb: dict[str, int]
     cpu_by_kind: dict[str, float]
+    main_rss_by_quarter_kb: list[int]
     processes: int
     killed: bool = False
+
+
+ENV: dict[str, str] = {}  # extra environment of the ingest runs (--env)
 
 
 def run_ingest(cmd: list[str], log: Path, kill_at_shards: int | None = None, out: Path | None = None) -> RunResult:
@@ -260,7 +267,8 @@ def run_ingest(cmd: list[str], log: Path, kill_at_shards: int | None = None, out
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        env = os.environ | ENV
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     sampler = TreeSampler(proc.pid)
     killed = False
     while proc.poll() is None:
@@ -280,7 +288,11 @@ def run_ingest(cmd: list[str], log: Path, kill_at_shards: int | None = None, out
     by_kind = Counter()
     for kind, seconds in sampler.cpu_s.values():
         by_kind[kind] += seconds
-    return RunResult(wall, cpu, proc.returncode, sampler.peak_kb, dict(by_kind), len(sampler.seen), killed)
+    quarters = [0, 0, 0, 0]
+    for t, kb in sampler.main_rss:
+        q = min(3, int(4 * (t - start) / wall))
+        quarters[q] = max(quarters[q], kb)
+    return RunResult(wall, cpu, proc.returncode, sampler.peak_kb, dict(by_kind), quarters, len(sampler.seen), killed)
 
 
 def _size(paths) -> int:
@@ -322,6 +334,7 @@ def rehearse(n: int, cache: Path, work: Path, workers: int, per_shard: int, kill
         "audio_hours_per_core_hour": round(audio_h / (full.cpu_s / 3600), 2),
         "cpu_s_by_kind": {k: round(v, 1) for k, v in sorted(full.cpu_by_kind.items())},
         "peak_rss_mb": {k: round(v / 1024, 1) for k, v in sorted(full.peak_kb.items())},
+        "main_rss_mb_by_quarter": [round(kb / 1024, 1) for kb in full.main_rss_by_quarter_kb],
         "processes": full.processes,
         "index_bytes": (out / "index.parquet").stat().st_size,
         "failures_bytes": (out / "failures.parquet").stat().st_size,
@@ -372,9 +385,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "soundnet-scale")
     parser.add_argument("--generate-only", action="store_true", help="only generate (and cache) the corpora")
     parser.add_argument("--no-kill", action="store_true", help="leave out the kill-and-resume runs")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the ingest runs (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     sizes = args.n or [60, 240]
+    ENV.update(item.split("=", 1) for item in args.env)
     if args.generate_only:
         for n in sizes:
             corpus(n, args.cache)
