@@ -35,7 +35,8 @@ USER_AGENT = f"soundnet-distill/{version('soundnet-distill')}"
 
 @dataclass(frozen=True)
 class UrlPolicy:
-    """How http(s) sources are fetched: bounded retries, so a flaky server costs at most about a minute."""
+    """How http(s) sources are fetched. Retries are bounded: a server that never answers costs at most
+    ``(retries + 1) x timeout_s`` plus the waits (about two minutes with the defaults), then it is a failure row."""
 
     retries: int = URL_RETRIES  # further tries after a transient failure
     timeout_s: float = URL_TIMEOUT_S  # per request: to connect, and for each wait for data
