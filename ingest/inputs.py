@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from soundnet.media import container_signature, is_url
@@ -72,7 +73,10 @@ def _from_table(rows: list[dict], where: str) -> list[tuple[str, str | None]]:
 def _read_utf8(path: Path) -> str:
     """The text of a list file (a UTF-8 byte order mark dropped), or an error naming the file and the line that is
     not UTF-8 text."""
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:
+        raise InputListError(f"--videos {path}: cannot read it ({exc.strerror or exc})") from exc
     if b"\0" in data:
         kind = container_signature(path)
         if kind:
@@ -88,6 +92,13 @@ def _read_utf8(path: Path) -> str:
         raise InputListError(
             f"--videos {path}: line {line} is not UTF-8 text (byte {data[exc.start]:#04x}); save the list as UTF-8"
         ) from exc
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise InputListError(f"--videos {path}: not a readable Parquet file ({exc})") from exc
 
 
 def _listed_path(line: str) -> str:
@@ -118,7 +129,7 @@ def read_video_list(spec: str | Path) -> list[VideoInput]:
     elif path.suffix.lower() == ".csv":
         entries = _from_table(list(csv.DictReader(io.StringIO(_read_utf8(path), newline=""))), str(path))
     elif path.suffix.lower() in (".parquet", ".pq"):
-        entries = _from_table(pq.read_table(path).to_pylist(), str(path))
+        entries = _from_table(_read_parquet(path), str(path))
     elif path.suffix.lower() in VIDEO_EXTENSIONS:
         entries = [(str(path), None)]
     else:

@@ -175,6 +175,10 @@ def test_video_without_extension_and_binary_lists_are_named(tmp_path) -> None:
     blob.write_bytes(np.arange(256, dtype=np.uint8).tobytes())
     with pytest.raises(InputListError, match=rf"{blob}: is binary data, not a list of videos"):
         read_video_list(blob)
+    fake = tmp_path / "list.parquet"
+    fake.write_text("path\n/videos/a.mp4\n")
+    with pytest.raises(InputListError, match=rf"{fake}: not a readable Parquet file"):
+        read_video_list(fake)
 
 
 def test_non_utf8_list_names_file_and_line(tmp_path) -> None:
