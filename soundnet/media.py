@@ -2,18 +2,56 @@
 
 A :class:`DecodeError` carries a short machine-readable ``reason`` (it lands in the failure ledger) and a
 message a person can act on.
+
+http(s) sources are streamed by FFmpeg, never downloaded to a file (only the first seconds of a video are read,
+and nothing partial can be left behind). Before FFmpeg opens a URL, one ranged GET for its first byte learns what
+FFmpeg's errors hide: the exact HTTP status and a ``Retry-After``. Transient failures (connection errors, timeouts,
+429, 5xx) are retried with exponential backoff per :class:`UrlPolicy`; what still fails becomes a ledger row:
+``http_error`` with the status, ``timeout`` naming the seconds, or ``connection_failed``.
 """
 
 from __future__ import annotations
 
+import email.utils
+import http.client
 import os
+import random
+import ssl
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import av
 
+URL_RETRIES = 3
 URL_TIMEOUT_S = 30.0
+USER_AGENT = f"soundnet-distill/{version('soundnet-distill')}"
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """How http(s) sources are fetched. Retries are bounded: a server that never answers costs at most
+    ``(retries + 1) x timeout_s`` plus the waits (about two minutes with the defaults), then it is a failure row."""
+
+    retries: int = URL_RETRIES  # further tries after a transient failure
+    timeout_s: float = URL_TIMEOUT_S  # per request: to connect, and for each wait for data
+    backoff_s: float = 1.0  # the first wait; it doubles with every retry
+    max_wait_s: float = 30.0  # no single wait is longer, a server's Retry-After included
+
+    def wait_s(self, retry: int, retry_after_s: float | None) -> float:
+        """Seconds before retry number ``retry`` (1, 2, ...): the server's Retry-After, else jittered backoff."""
+        if retry_after_s is not None:
+            return min(retry_after_s, self.max_wait_s)
+        return min(self.backoff_s * 2 ** (retry - 1), self.max_wait_s) * random.uniform(0.5, 1.0)
+
+
+URL_POLICY = UrlPolicy()
+"""What :func:`open_media` uses unless told otherwise."""
 
 
 class DecodeError(Exception):
@@ -54,24 +92,102 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def open_media(source: str | os.PathLike) -> av.container.InputContainer:
-    """Open a local file or an http(s) URL for reading, tolerant of broken metadata encodings."""
-    source = str(source)
-    if not is_url(source):
-        path = Path(source)
-        try:
-            if not path.exists():
-                raise DecodeError("not_found", f"no such file: {source}")
-            if path.is_dir():
-                raise DecodeError("not_found", f"is a directory, not a media file: {source}")
-            if path.stat().st_size == 0:
-                raise DecodeError("empty", f"file is empty (0 bytes): {source}")
-        except OSError as exc:
-            raise DecodeError("io_error", f"{source}: cannot read ({type(exc).__name__}: {exc})") from exc
+def retry_after_s(value: str | None) -> float | None:
+    """The wait a ``Retry-After`` header asks for (seconds, or an HTTP date), or None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
     try:
-        return av.open(source, metadata_errors="replace", timeout=URL_TIMEOUT_S if is_url(source) else None)
-    except (av.error.HTTPError, av.error.HTTPClientError, av.error.HTTPServerError) as exc:
-        raise DecodeError("http_error", f"{source}: {exc}") from exc
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo is not None else None
+
+
+class _Attempt(Exception):
+    """One failed try at a URL: what happened, and whether another try may succeed."""
+
+    def __init__(self, reason: str, what: str, transient: bool, retry_after: float | None = None) -> None:
+        super().__init__(what)
+        self.reason, self.what, self.transient, self.retry_after = reason, what, transient, retry_after
+
+
+def _first_byte(url: str, timeout_s: float) -> None:
+    """GET the first byte of ``url``: succeeds once the server answers 2xx (redirects followed)."""
+    request = urllib.request.Request(url, headers={"Range": "bytes=0-0", "User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416:  # no byte 0 to give
+            raise _Attempt("empty", f"the server has no bytes (HTTP 416 {exc.reason})", False) from exc
+        transient = exc.code in (408, 429) or exc.code >= 500
+        wait = retry_after_s(exc.headers.get("Retry-After"))
+        raise _Attempt("http_error", f"HTTP {exc.code} {exc.reason}", transient, wait) from exc
+    except (TimeoutError, urllib.error.URLError) as exc:
+        cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(cause, TimeoutError):
+            raise _Attempt("timeout", f"no answer within {timeout_s:g} s", True) from exc
+        transient = not isinstance(cause, (ssl.SSLError, ValueError))  # a bad certificate stays bad
+        raise _Attempt("connection_failed", f"cannot connect ({cause})", transient) from exc
+    except (http.client.HTTPException, OSError) as exc:  # a reset or a malformed answer
+        raise _Attempt("connection_failed", f"connection failed ({type(exc).__name__}: {exc})", True) from exc
+
+
+def _ffmpeg_open(url: str, policy: UrlPolicy) -> av.container.InputContainer:
+    """Open ``url`` with FFmpeg; it reconnects by itself when a stream breaks off before its end."""
+    options = {"reconnect": "1", "reconnect_max_retries": str(policy.retries)}
+    try:
+        return av.open(url, metadata_errors="replace", timeout=policy.timeout_s, options=options)
+    except av.error.HTTPServerError as exc:
+        raise _Attempt("http_error", f"{exc} (FFmpeg)", True) from exc
+    except (av.error.HTTPError, av.error.HTTPClientError) as exc:
+        raise _Attempt("http_error", f"{exc} (FFmpeg)", False) from exc
+    except av.error.ExitError as exc:  # PyAV's timeout interrupts FFmpeg, which calls it an exit request
+        raise _Attempt("timeout", f"no data within {policy.timeout_s:g} s", True) from exc
+    except (ConnectionError, TimeoutError) as exc:
+        raise _Attempt("connection_failed", f"connection failed ({exc})", True) from exc
+
+
+def _open_url(url: str, policy: UrlPolicy) -> av.container.InputContainer:
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            _first_byte(url, policy.timeout_s)
+            return _ffmpeg_open(url, policy)
+        except _Attempt as attempt:
+            if not attempt.transient or tries > policy.retries:
+                count = f"{tries} {'try' if tries == 1 else 'tries'}"
+                raise DecodeError(attempt.reason, f"{url}: {attempt.what} after {count}") from attempt.__cause__
+            time.sleep(policy.wait_s(tries, attempt.retry_after))
+
+
+def _check_file(source: str) -> None:
+    path = Path(source)
+    try:
+        if not path.exists():
+            raise DecodeError("not_found", f"no such file: {source}")
+        if path.is_dir():
+            raise DecodeError("not_found", f"is a directory, not a media file: {source}")
+        if path.stat().st_size == 0:
+            raise DecodeError("empty", f"file is empty (0 bytes): {source}")
+    except OSError as exc:
+        raise DecodeError("io_error", f"{source}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def open_media(source: str | os.PathLike, url: UrlPolicy | None = None) -> av.container.InputContainer:
+    """Open a local file or an http(s) URL (fetched per ``url``, default :data:`URL_POLICY`) for reading,
+    tolerant of broken metadata encodings."""
+    source = str(source)
+    try:
+        if is_url(source):
+            return _open_url(source, url or URL_POLICY)
+        _check_file(source)
+        return av.open(source, metadata_errors="replace")
     except av.error.InvalidDataError as exc:
         kind = None if is_url(source) else container_signature(source)
         if kind is not None:
@@ -89,7 +205,8 @@ def decode_errors(source: str | os.PathLike) -> Iterator[None]:
 
     The decoding code raises precise reasons itself; this names what is left by its kind: ``bad_data`` (FFmpeg
     found the bytes invalid), ``ffmpeg_error``, ``io_error``, ``bad_metadata`` (text that is not UTF-8),
-    ``out_of_memory`` and, for anything else, ``unexpected_error`` with the exception type in the message.
+    ``timeout`` (a URL that stopped sending), ``out_of_memory`` and, for anything else, ``unexpected_error`` with
+    the exception type in the message.
     """
     try:
         yield
@@ -97,6 +214,8 @@ def decode_errors(source: str | os.PathLike) -> Iterator[None]:
         raise
     except av.error.InvalidDataError as exc:
         raise DecodeError("bad_data", f"{source}: invalid data ({exc})") from exc
+    except av.error.ExitError as exc:  # only URLs have a timeout: the server stopped sending mid-stream
+        raise DecodeError("timeout", f"{source}: the server stopped sending data (read timed out: {exc})") from exc
     except av.error.FFmpegError as exc:
         raise DecodeError("ffmpeg_error", f"{source}: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
