@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from soundnet.ingest.frames import MAX_FRAMES, MIN_SECONDS, SHORT_SIDE, SLOT_INTERVAL_S
 from soundnet.ingest.inputs import VideoInput
+from soundnet.media import UrlPolicy
 from soundnet.shards.contract import SAMPLE_RATE, ClipLayout
 
 
@@ -26,6 +27,7 @@ class IngestConfig:
     keep_silent: bool = False
     short_side: int = SHORT_SIDE  # frames are decoded straight to the teachers' resize size
     samples_per_shard: int = 500
+    url: UrlPolicy = field(default_factory=UrlPolicy)  # how inputs are fetched: not part of the run manifest
 
     def __post_init__(self) -> None:
         if self.clip_seconds is None:

@@ -27,7 +27,7 @@ from soundnet.ingest.frames import (
     video_duration_s,
     video_start_s,
 )
-from soundnet.media import DecodeError, decode_errors, open_media
+from soundnet.media import DecodeError, UrlPolicy, decode_errors, open_media
 from soundnet.shards.contract import DEFAULT_LAYOUT, ClipLayout
 
 CLIP_SECONDS = DEFAULT_LAYOUT.clip_seconds
@@ -81,18 +81,20 @@ def decode_clip(
     keep_silent: bool = False,
     min_seconds: float = MIN_SECONDS,
     threads: int = 1,
+    url: UrlPolicy | None = None,
 ) -> DecodedClip:
     """Decode audio and slot frames of ``source`` (a path or an http(s) URL).
 
     The usable duration ``D = min(clip_seconds, audio, video)`` sets the slots
     (:func:`ingest.frames.slot_times`, including its rule for clips shorter than one slot); the audio is cut
     to ``D``. Digital silence (no int16 sample beyond +-1) fails as ``silent`` unless ``keep_silent``.
-    ``threads`` is per decoder: 1 suits one worker process per core. Every failure is a
+    ``threads`` is per decoder: 1 suits one worker process per core; ``url`` says how a URL is fetched (retries,
+    timeout). Every failure is a
     :class:`DecodeError`; its ``reason`` says which.
     """
     if seek not in SEEK_MODES:
         raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
-    with decode_errors(source), open_media(source) as container:
+    with decode_errors(source), open_media(source, url) as container:
         if not container.streams.video:
             raise DecodeError("no_video", "no video stream")
         if not container.streams.audio:

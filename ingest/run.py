@@ -138,7 +138,7 @@ def _manifest(inputs, config: IngestConfig, teacher_specs: list[str]) -> dict:
         "inputs": len(inputs),
         "inputs_sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "teachers": teacher_specs,
-        "config": dataclasses.asdict(config),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "url"},  # fetching changes no sample
         "layout": config.layout.to_json(),
     }
 

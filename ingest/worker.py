@@ -20,7 +20,10 @@ from soundnet.ingest.inputs import VideoInput
 from soundnet.media import DecodeError
 
 # which part of the work a decoding failure belongs to (the ledger's `stage` column)
-_OPEN_REASONS = {"not_found", "empty", "io_error", "http_error", "not_media", "damaged", "open_failed", "bad_metadata"}
+_OPEN_REASONS = {
+    "not_found", "empty", "io_error", "http_error", "timeout", "connection_failed", "not_media", "damaged",
+    "open_failed", "bad_metadata",
+}  # fmt: skip
 _AUDIO_REASONS = {"no_audio", "silent", "audio_decode_failed", "no_audio_samples"}
 _VIDEO_REASONS = {"no_video", "too_short", "video_decode_failed", "video_truncated", "seek_failed"}
 PARENT_POLL_S = 0.5
@@ -76,6 +79,7 @@ def _decode(item: VideoInput, config: IngestConfig) -> Decoded:
             short_side=config.short_side,
             keep_silent=config.keep_silent,
             min_seconds=config.min_seconds,
+            url=config.url,
         )
     except DecodeError as exc:
         cause = type(exc.__cause__ or exc).__name__  # the library's own exception class says most
