@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from soundnet.digest import sha256_file
 from soundnet.shards.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["SOUNDNET_CACHE"]) / "features"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "soundnet" / "features"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (a checkpoint is identified by its content, not its name)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -66,7 +58,7 @@ class FeatureKey:
         for path in paths:
             stat = Path(path).stat()
             clips.append((str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
-        return cls(file_digest(checkpoint), layer, dataset, clip_samples, float(window_seconds), tuple(clips))
+        return cls(sha256_file(checkpoint), layer, dataset, clip_samples, float(window_seconds), tuple(clips))
 
     def digest(self) -> str:
         text = json.dumps({"version": FEATURE_VERSION, **self.__dict__}, sort_keys=True)

@@ -14,7 +14,6 @@ Everything that can fail because of what a user typed raises :class:`ValueError`
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torchvision.models
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from soundnet.digest import sha256_file
 from soundnet.teachers.efficientnet_lite import efficientnet_lite0
 from soundnet.teachers.preprocess import Preprocessing
 from soundnet.teachers.squeezenet_places import squeezenet_bn_places365
@@ -137,14 +137,6 @@ def _find_enum(arch: str, name: str) -> WeightsEnum | None:
     enum_cls = torchvision.models.get_model_weights(arch)
     name = name.removeprefix(enum_cls.__name__ + ".")
     return enum_cls.__members__.get(name)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
