@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import braceexpand
 from webdataset import tariterators
@@ -110,8 +110,11 @@ def scan_shard(path: str | os.PathLike) -> ShardIndex:
                 end = info.offset_data + _padded(info.size)
                 if suffix == META_MEMBER and index.first_meta is None:
                     index.first_meta = tar.extractfile(info).read()
-            if index.damage is None and key is not None and not _ends_archive(stream, end):
-                index.damage = f"no end-of-archive blocks after byte {end}: the shard is cut or damaged there"
+            if index.damage is None and key is not None:
+                if not _ends_archive(stream, end):
+                    index.damage = f"no end-of-archive blocks after byte {end}: the shard is cut or damaged there"
+                elif data_follows(stream, end):
+                    index.damage = f"a bad or zeroed tar header ends the archive near byte {end}, yet data follows"
     except (tarfile.TarError, OSError) as exn:
         index.damage = f"not a readable tar ({exn})"
         key = None
@@ -177,6 +180,16 @@ def _ends_archive(stream: io.BufferedReader, offset: int) -> bool:
     stream.seek(offset)
     block = stream.read(_BLOCK)
     return len(block) == _BLOCK and block.count(0) == _BLOCK
+
+
+def data_follows(stream: BinaryIO, offset: int) -> bool:
+    """Whether anything but zero padding follows ``offset``.
+
+    Python's tarfile ends an archive silently at an invalid or all-zero header after the first one, as if the
+    archive ended there: without this check a damaged header would hide the rest of the shard.
+    """
+    stream.seek(offset)
+    return any(chunk.strip(b"\0") for chunk in iter(lambda: stream.read(1 << 20), b""))
 
 
 def _decoded(raw: Iterator[dict[str, Any]]) -> Iterator[Sample]:

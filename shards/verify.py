@@ -13,13 +13,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
 from webdataset import tariterators
 
 from soundnet.shards.ledger import INDEX_SCHEMA, Kind, RunLayout, read_table, to_table
+from soundnet.shards.reader import data_follows
 from soundnet.shards.schema import META_MEMBER, decode_sample, member_digests, validate_sample
 
 DIGEST_COLUMN = "sha256"
@@ -82,18 +83,9 @@ def shard_samples(path: Path, damage: list[BaseException]) -> Iterator[dict[str,
     with open(path, "rb") as stream:
         yield from tariterators.group_by_keys(files())
         stopped = stream.tell()
-        if not damage and _data_follows(stream):
+        if not damage and data_follows(stream, stopped):
             reason = f"a bad or zeroed tar header ends the archive near byte {stopped}, yet data follows"
             damage.append(tarfile.ReadError(reason))
-
-
-def _data_follows(stream: BinaryIO) -> bool:
-    """Whether anything but zero padding follows where tar reading stopped.
-
-    Python's tarfile ends an archive silently at an invalid or all-zero header after the first one, as if the
-    archive ended there: without this check a damaged header would hide the rest of the shard.
-    """
-    return any(chunk.strip(b"\0") for chunk in iter(lambda: stream.read(1 << 20), b""))
 
 
 def _damage(path: Path, exn: BaseException, read: int) -> str:

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from soundnet.audio import read_audio
 from soundnet.shards.cli import main
 from soundnet.shards.ledger import RunLayout, merge_parts, read_table, write_table
-from soundnet.shards.reader import expand_shards, iter_samples, tar_samples
+from soundnet.shards.reader import expand_shards, iter_samples, scan_shard, tar_samples
 from soundnet.shards.schema import (
     SAMPLE_RATE,
     Sample,
@@ -820,3 +820,17 @@ def test_verify_and_info_on_what_is_not_a_run(tmp_path: Path, kind: str) -> None
         result = CliRunner().invoke(main, [command, str(target)])
         assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output  # no traceback
         assert message in result.output
+
+
+def test_the_readers_index_names_a_zeroed_header_that_would_end_the_archive(tmp_path: Path) -> None:
+    """tarfile stops silently at an all-zero header; the readers' shard index keeps the samples before it and
+    notes the damage, so training counts the shard as damaged instead of losing its rest unnoticed."""
+    layout, samples = make_run(tmp_path / "run", tasks=1, per_task=3)
+    path = layout.shard_path(0)
+    assert scan_shard(path).damage is None and len(scan_shard(path).samples) == 3
+    with tarfile.open(path) as tar:
+        header = tar.getmember(f"{samples[1].key}.audio.npy").offset
+    overwrite(path, header, bytes(512))
+    index = scan_shard(path)
+    assert [span.key for span in index.samples] == [samples[0].key]
+    assert index.damage is not None and "zeroed tar header" in index.damage
