@@ -1,15 +1,19 @@
 """A cache of windowed clip features, so that a second evaluation (another ``--C``, ``--cv-c``, a plot) skips
 decoding and the network.
 
-An entry is one ``.npy`` file named by a digest of everything the features depend on: the checkpoint's bytes
+An entry is one ``.npy`` file named by a digest of everything the features depend on (the checkpoint's bytes
 (sha256), the layer, the dataset name, every clip's path, size and modification time, the clip and window
-lengths and :data:`FEATURE_VERSION`. Entries are written atomically, so two runs that race both write the same
-complete file and either rename wins; a damaged entry is recomputed.
+lengths and :data:`FEATURE_VERSION`) and by the sha256 of its own bytes: ``<dataset>-<layer>-<key>.<sha256>.npy``.
+An entry whose bytes no longer match its name (a flipped bit, a partial copy, an edit) is removed and recomputed,
+with a warning. Entries are written atomically, so two runs that race both write a complete file and either
+rename wins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -64,8 +68,9 @@ class FeatureKey:
         text = json.dumps({"version": FEATURE_VERSION, **self.__dict__}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def filename(self) -> str:
-        return f"{self.dataset}-{self.layer}-{self.digest()}.npy"
+    def stem(self) -> str:
+        """The entry's name without its content digest."""
+        return f"{self.dataset}-{self.layer}-{self.digest()}"
 
 
 class FeatureCache:
@@ -74,29 +79,57 @@ class FeatureCache:
     def __init__(self, folder: str | os.PathLike | None) -> None:
         self.folder = Path(folder) if folder is not None else None
 
-    def path(self, key: FeatureKey) -> Path | None:
-        return self.folder / key.filename() if self.folder is not None else None
+    def entries(self, key: FeatureKey) -> list[Path]:
+        """The files stored for ``key`` (normally one), newest first."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return sorted(self.folder.glob(f"{key.stem()}.*.npy"), key=_mtime, reverse=True)
 
     def load(self, key: FeatureKey) -> np.ndarray | None:
-        path = self.path(key)
-        if path is None or not path.is_file():
-            return None
-        try:
-            features = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring a damaged feature cache entry %s (%s); recomputing", path, exc)
-            return None
-        if features.ndim != 3 or features.shape[0] != len(key.clips):
-            log.warning("ignoring feature cache entry %s of shape %s; recomputing", path, features.shape)
-            return None
-        return features
+        """The features of the first intact entry for ``key``; entries whose bytes changed are removed."""
+        for path in self.entries(key):
+            try:
+                data = path.read_bytes()
+            except OSError:  # removed meanwhile by a racing run, or unreadable: compute instead
+                continue
+            recorded = path.name[len(key.stem()) + 1 : -len(".npy")]
+            if hashlib.sha256(data).hexdigest() != recorded:
+                log.warning("feature cache entry %s changed since it was written (sha256 differs); recomputing", path)
+                with contextlib.suppress(OSError):  # a read-only cache keeps it; the digest check skips it again
+                    path.unlink(missing_ok=True)
+                continue
+            try:
+                features = np.load(io.BytesIO(data), allow_pickle=False)
+            except ValueError as exc:
+                log.warning("ignoring an unreadable feature cache entry %s (%s); recomputing", path, exc)
+                continue
+            if features.ndim != 3 or features.shape[0] != len(key.clips):
+                log.warning("ignoring feature cache entry %s of shape %s; recomputing", path, features.shape)
+                continue
+            return features
+        return None
 
     def save(self, key: FeatureKey, features: np.ndarray) -> None:
-        path = self.path(key)
-        if path is None:
+        """Write ``features`` as the entry for ``key`` (named by their digest); older entries for ``key`` go."""
+        if self.folder is None:
             return
+        buffer = io.BytesIO()
+        np.save(buffer, features, allow_pickle=False)
+        path = self.folder / f"{key.stem()}.{hashlib.sha256(buffer.getbuffer()).hexdigest()}.npy"
         try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, features, allow_pickle=False)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(buffer.getbuffer())
+            written = _mtime(path)
+            for older in self.entries(key):  # a racing run's newer entry is kept: it removes this one
+                if _mtime(older) < written:
+                    older.unlink(missing_ok=True)
         except OSError as exc:  # a full or read-only cache must not fail the evaluation it only speeds up
             log.warning("could not write the feature cache %s: %s", path, exc)
+
+
+def _mtime(path: Path) -> int:
+    """Modification time in ns; -1 for a file a racing run removed."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1

@@ -126,7 +126,9 @@ def svm(
     )
     width = max(len(name) for name in document["per_class_accuracy"])
     for name, acc in document["per_class_accuracy"].items():
-        click.echo(f"  {name:<{width}}  {acc:.3f}")
+        click.echo(f"  {name:<{width}}  {'n/a (untestable)' if acc is None else f'{acc:.3f}'}")
+    if document["untestable_clips"]:
+        click.echo(f"{len(document['untestable_clips'])} clip(s) left out: their class was in no training fold")
     plot = plot or (json_out.with_suffix(".confusion.png") if json_out else None)
     for path, write in ((json_out, write_json), (plot, plot_confusion)):
         if path:

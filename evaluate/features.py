@@ -131,7 +131,7 @@ def dataset_features(
     key = FeatureKey.of(checkpoint, layer, data.name, paths, num_samples, window_seconds)
     features = cache.load(key)
     if features is not None:
-        log.info("features %s: from the cache %s", layer, cache.path(key))
+        log.info("features %s: from the cache in %s", layer, cache.folder)
         timings["decode_s"] = timings["features_s"] = 0.0
         return features
     # decode and embed in chunks: memory holds one chunk of waveforms, never the whole dataset's

@@ -31,8 +31,9 @@ class SVMConfig:
 
 @dataclass
 class ProtocolResult:
-    fold_accuracies: dict[int, float]
+    fold_accuracies: dict[int, float]  # over each fold's testable clips
     predictions: np.ndarray  # per clip, predicted class
+    testable: np.ndarray  # per clip: its class was in the training folds when it was tested (testable_clips)
     chosen_c: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -119,13 +120,32 @@ def _select_c(outer: int, fold_ids: list[int], scores: dict, config: SVMConfig) 
     return best_c
 
 
+def testable_clips(labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Per clip, whether its class has clips outside its fold: a clip whose class is only in its own fold was
+    never in the training folds when tested (an SVM cannot predict a class it never saw), so it cannot be scored."""
+    testable = np.zeros(len(labels), bool)
+    for k in np.unique(folds):
+        testable[folds == k] = np.isin(labels[folds == k], labels[folds != k])
+    return testable
+
+
 def run_protocol(
     features: np.ndarray, labels: np.ndarray, folds: np.ndarray, config: SVMConfig, n_jobs: int = -1
 ) -> ProtocolResult:
-    """Train on all folds but one, test on that one, for every fold (C chosen on the training folds if asked)."""
+    """Train on all folds but one, test on that one, for every fold (C chosen on the training folds if asked).
+
+    A fold's accuracy is over its testable clips (:func:`testable_clips`); the others are predicted but not scored.
+    """
     fold_ids = [int(k) for k in np.unique(folds)]
     if len(fold_ids) < 2:
         raise ValueError(f"leave-one-fold-out needs at least 2 folds, the dataset has {fold_ids}")
+    testable = testable_clips(labels, folds)
+    for k in fold_ids:
+        if not testable[folds == k].any():
+            raise ValueError(
+                f"fold {k} holds only classes that no other fold has ({sorted(set(labels[folds == k].tolist()))}): "
+                "none of its clips can be tested; spread every class over at least 2 folds"
+            )
     chosen = {k: config.C for k in fold_ids}
     if config.cv_c:
         if len(fold_ids) < 3:
@@ -145,6 +165,7 @@ def run_protocol(
     fold_accuracies = {}
     for k in fold_ids:
         predictions[folds == k] = outcomes[k]
-        fold_accuracies[k] = float(np.mean(outcomes[k] == labels[folds == k]))
+        scored = testable[folds == k]
+        fold_accuracies[k] = float(np.mean(outcomes[k][scored] == labels[folds == k][scored]))
         log.info("fold %d: C=%g accuracy %.4f", k, chosen[k], fold_accuracies[k])
-    return ProtocolResult(fold_accuracies, predictions, chosen)
+    return ProtocolResult(fold_accuracies, predictions, testable, chosen)

@@ -21,9 +21,15 @@ def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> 
 
 
 def summary(dataset: Dataset, labels: np.ndarray, result: ProtocolResult, **extra: Any) -> dict[str, Any]:
-    """The ``--json`` document: accuracy, folds, per-class accuracy, confusion matrix and run settings."""
-    matrix = confusion(labels, result.predictions, len(dataset.classes))
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    """The ``--json`` document: accuracy, folds, per-class accuracy, confusion matrix and run settings.
+
+    The confusion matrix and the per-class figures count the testable clips; a class none of whose clips could
+    be tested (it was never in the training folds when tested) has ``null`` as its figure, not 0.
+    """
+    scored = result.testable
+    matrix = confusion(labels[scored], result.predictions[scored], len(dataset.classes))
+    tested = matrix.sum(axis=1)
+    per_class = [round(float(hits / n), 4) if n else None for hits, n in zip(matrix.diagonal(), tested)]
     return {
         "accuracy": result.accuracy,
         "folds": [result.fold_accuracies[k] for k in sorted(result.fold_accuracies)],
@@ -31,7 +37,8 @@ def summary(dataset: Dataset, labels: np.ndarray, result: ProtocolResult, **extr
         "dataset": dataset.name,
         "clips": len(dataset.clips),
         "classes": dataset.classes,
-        "per_class_accuracy": dict(zip(dataset.classes, per_class.round(4).tolist())),
+        "per_class_accuracy": dict(zip(dataset.classes, per_class)),
+        "untestable_clips": [str(clip.path) for clip, ok in zip(dataset.clips, scored) if not ok],
         "confusion": matrix.tolist(),
         "chosen_C": {str(k): c for k, c in sorted(result.chosen_c.items())},
         **extra,

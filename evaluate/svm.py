@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from soundnet.evaluate.cache import FeatureCache
-from soundnet.evaluate.datasets import DatasetError, load_dataset
+from soundnet.evaluate.datasets import Dataset, DatasetError, load_dataset
 from soundnet.evaluate.features import dataset_features
-from soundnet.evaluate.protocol import SVMConfig, run_protocol
+from soundnet.evaluate.protocol import SVMConfig, run_protocol, testable_clips
 from soundnet.evaluate.report import summary
 from soundnet.student.checkpoint import load_checkpoint
 
@@ -60,6 +60,7 @@ def evaluate_svm(
     t = time.perf_counter()
     labels = np.array([c.label for c in data.clips])
     folds = np.array([c.fold for c in data.clips])
+    warn_sparse_classes(data, labels, folds)
     result = run_protocol(features, labels, folds, svm)
     timings["svm_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -79,3 +80,25 @@ def evaluate_svm(
         timings_s={k: round(v, 2) for k, v in timings.items()},
         torch_threads=torch.get_num_threads(),
     )
+
+
+def warn_sparse_classes(data: Dataset, labels: np.ndarray, folds: np.ndarray) -> None:
+    """Name each class with fewer clips than folds: some folds test none of it, and where all its clips share one
+    fold they are never in the training folds when tested, so they are left out of the accuracy (figure n/a)."""
+    testable = testable_clips(labels, folds)
+    for label, name in enumerate(data.classes):
+        mine = labels == label
+        if mine.sum() >= len(data.folds):
+            continue
+        if testable[mine].all():
+            log.warning(
+                "class %r has %d clip(s) for %d folds: some folds test none of it; its figure rests on %d clip(s)",
+                name, mine.sum(), len(data.folds), mine.sum(),
+            )  # fmt: skip
+        else:
+            log.warning(
+                "class %r has %d clip(s) for %d folds, all in fold %s: it is never in the training folds when "
+                "tested, so its clips are left out of the accuracy and its per-class figure is n/a; "
+                "add clips of it to other folds",
+                name, mine.sum(), len(data.folds), ", ".join(map(str, sorted(set(folds[mine].tolist())))),
+            )  # fmt: skip

@@ -211,6 +211,28 @@ def test_second_run_reads_features_from_the_cache(esc50_dir, soundnet8_checkpoin
         evaluate_svm(changed, "esc10", root, "pool5", SVMConfig(), cache=cache)
 
 
+def test_an_entry_whose_bytes_changed_is_recomputed_with_a_warning(tmp_path, caplog) -> None:
+    """The entry's name holds the sha256 of its bytes: one changed feature value (the file still a valid .npy of
+    the right shape) is noticed, named, removed and not returned."""
+    import hashlib
+
+    from soundnet.evaluate.cache import FeatureCache, FeatureKey
+
+    key = FeatureKey("0" * 64, "pool5", "folder", 22050, 1.0, (("/a.wav", 1, 2), ("/b.wav", 3, 4)))
+    features = np.random.default_rng(0).random((2, 3, 8)).astype(np.float32)
+    cache = FeatureCache(tmp_path)
+    cache.save(key, features)
+    (entry,) = cache.entries(key)
+    assert entry.name == f"{key.stem()}.{hashlib.sha256(entry.read_bytes()).hexdigest()}.npy"
+    changed = features.copy()
+    changed[1, 2, 5] += 1.0
+    with open(entry, "r+b") as f:  # rewrite the data in place: header and size unchanged
+        np.save(f, changed, allow_pickle=False)
+    with caplog.at_level("WARNING"):
+        assert cache.load(key) is None
+    assert f"feature cache entry {entry} changed since it was written" in caplog.text and not entry.exists()
+
+
 def test_damaged_cache_entry_is_recomputed(esc50_dir, soundnet8_checkpoint, tmp_path) -> None:
     from soundnet.evaluate.cache import FeatureCache
     from soundnet.evaluate.features import dataset_features
@@ -224,7 +246,8 @@ def test_damaged_cache_entry_is_recomputed(esc50_dir, soundnet8_checkpoint, tmp_
     entry.write_bytes(entry.read_bytes()[:200])
     again = dataset_features(model, soundnet8_checkpoint, data, "conv5", 2.0, cache=cache)
     np.testing.assert_array_equal(fresh, again)
-    np.testing.assert_array_equal(np.load(entry), fresh)  # rewritten whole
+    (rewritten,) = (tmp_path / "cache").glob("*.npy")
+    np.testing.assert_array_equal(np.load(rewritten), fresh)  # rewritten whole
 
 
 # ---- the SVM phase -----------------------------------------------------------------------------------------------
@@ -415,10 +438,11 @@ def test_racing_cache_writes_leave_one_complete_entry(tmp_path) -> None:
     cache = FeatureCache(tmp_path)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: cache.save(key, features), range(8)))
-    assert [p.name for p in tmp_path.iterdir()] == [key.filename()]
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in cache.entries(key)]
+    assert len(cache.entries(key)) == 1
     np.testing.assert_array_equal(cache.load(key), features)
     other = FeatureKey("0" * 64, "pool5", "esc10", 220500, 2.0, key.clips)  # another window length: another entry
-    assert other.filename() != key.filename() and cache.load(other) is None
+    assert other.stem() != key.stem() and cache.load(other) is None
 
 
 def test_a_training_set_of_one_class_is_a_clear_error() -> None:
@@ -426,3 +450,41 @@ def test_a_training_set_of_one_class_is_a_clear_error() -> None:
     labels, folds = np.array([0, 1, 1, 1]), np.array([1, 2, 2, 2])  # without fold 1, only class 1 is left
     with pytest.raises(ValueError, match="holds clips of class 1 only"):
         run_protocol(feats, labels, folds, SVMConfig(), n_jobs=1)
+
+
+def test_a_one_clip_class_in_five_folds_is_named_and_left_out_of_the_accuracy(
+    esc50_dir, soundnet8_checkpoint, tmp_path, caplog
+) -> None:
+    """rain has one clip: it is never in the training folds when its fold is tested. It is named, its figure is
+    n/a (not 0.000), and the mean is over the clips that could be tested."""
+    rows = [line.split(",") for line in (esc50_dir / "esc50.csv").read_text().splitlines()[1:]]
+    for category, count in (("dog", 5), ("rooster", 5), ("rain", 1)):
+        (tmp_path / "data" / category).mkdir(parents=True)
+        for filename, *_ in [r for r in rows if r[3] == category and r[4] == "True"][:count]:
+            stem = filename[:-4]
+            (tmp_path / "data" / category / f"{stem}.flac").symlink_to(esc50_dir / "audio" / f"{stem}.flac")
+    (rain,) = (tmp_path / "data" / "rain").iterdir()
+    report = tmp_path / "r.json"
+    args = [
+        "svm",
+        "--checkpoint",
+        str(soundnet8_checkpoint),
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
+    args += ["--json", str(report), "--clip-seconds", "2", "--workers", "1", "--no-cache"]
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(evaluate_cli, args)
+    assert result.exit_code == 0, result.output
+    assert "class 'rain' has 1 clip(s) for 5 folds, all in fold 1: it is never in the training folds" in caplog.text
+    assert "dog" not in caplog.text and "rooster" not in caplog.text
+    document = json.loads(report.read_text())
+    assert document["per_class_accuracy"]["rain"] is None and "  rain     n/a (untestable)" in result.output
+    assert document["untestable_clips"] == [str(rain)]
+    matrix = np.array(document["confusion"])  # classes in folder order: dog, rain, rooster
+    assert document["classes"] == ["dog", "rain", "rooster"] and matrix.sum() == 10 and matrix[1].sum() == 0
+    tested = matrix.trace() / 10
+    per_fold = document["folds"]  # two tested clips per fold, the rain clip of fold 1 not among them
+    assert np.mean(per_fold) == pytest.approx(tested) and document["accuracy"] == pytest.approx(tested)
