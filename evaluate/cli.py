@@ -178,6 +178,7 @@ def visualize(
     """The paper's pictures: conv1 filters, a t-SNE of clip features by class, the top clips of deep units."""
     from soundnet.evaluate.datasets import load_dataset
     from soundnet.evaluate.visualize import make_pictures
+    from soundnet.student.checkpoint import OutputError
 
     try:
         data = load_dataset(dataset, data_dir)
@@ -196,7 +197,7 @@ def visualize(
             workers,
             _cache(cache_dir, no_cache),
         )
-    except (DatasetError, ValueError, OSError) as exc:  # user errors: bad data, settings or paths
+    except (DatasetError, OutputError, ValueError, OSError) as exc:  # user errors: bad data, settings or paths
         raise click.ClickException(str(exc)) from exc
     for path in written:
         click.echo(f"wrote {path}")

@@ -7,6 +7,7 @@ import html
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,7 +18,7 @@ from soundnet.evaluate.cache import FeatureCache
 from soundnet.evaluate.datasets import Dataset
 from soundnet.evaluate.features import dataset_features
 from soundnet.shards.atomic import atomic_path
-from soundnet.student.checkpoint import load_checkpoint
+from soundnet.student.checkpoint import OutputError, load_checkpoint
 from soundnet.student.model import SoundNet
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,16 @@ def _save(fig, path: Path, dpi: int) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     _pyplot().close(fig)
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written before any work, naming the folder (not a temporary file)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise OutputError(f"--out {out} is not writable ({exc.strerror or exc}): choose another folder") from None
 
 
 def _pyplot():
@@ -216,6 +227,7 @@ def make_pictures(
     cache: FeatureCache | None = None,
 ) -> list[Path]:
     """``conv1_filters.png``, ``tsne_<tsne_layer>.png`` and ``units_<units_layer>.html`` in ``out``; returns them."""
+    _check_writable(out)
     model = load_checkpoint(checkpoint)
     for layer in (tsne_layer, units_layer):
         model.output_length(layer, 0)  # an unknown layer fails before any decoding

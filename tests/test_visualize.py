@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from soundnet.evaluate.cli import main as evaluate_cli
@@ -75,3 +79,28 @@ def test_top_units_rank_class_selective_units_first() -> None:
     windows = np.arange(2 * 3 * 4 * 2, dtype=np.float32).reshape(2, 3, 8)  # 2 clips, 3 windows, 4 units x 2 steps
     peaks = unit_activations(windows, channels=4)
     assert peaks.shape == (2, 4) and peaks[1, 3] == windows[1, 2, 7] and peaks[0, 0] == windows[0, 2, 1]
+
+
+def test_a_read_only_out_is_one_line_naming_the_folder(esc50_dir, soundnet8_checkpoint, tmp_path) -> None:
+    """A read-only --out (a read-only tmpfs in a mount namespace of our own) is refused before any work."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user namespaces) is not available here")
+    data_dir = _esc10_subset(esc50_dir, tmp_path / "esc10", per_class=1)
+    (tmp_path / "ro").mkdir()
+    out = tmp_path / "ro" / "pictures"
+    evaluate = Path(sys.executable).parent / "evaluate"
+    command = (
+        f"{evaluate} visualize --checkpoint {soundnet8_checkpoint} --dataset esc10 --data-dir {data_dir} --out {out}"
+    )
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-ec", f"mount -t tmpfs -o ro none {tmp_path / 'ro'}; {command}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.splitlines()[-1]
+        == f"Error: --out {out} is not writable (Read-only file system): choose another folder"
+    )
+    assert ".tmp" not in done.stderr and "decode" not in done.stderr
