@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from soundnet.audio import SAMPLE_RATE, read_audio
+from soundnet.audio import SAMPLE_RATE, DecodedAudio, read_audio
 from soundnet.evaluate.cache import FeatureCache, FeatureKey
 from soundnet.evaluate.datasets import Dataset, DatasetError
 from soundnet.media import DecodeError
@@ -29,31 +30,37 @@ def fixed_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     return np.resize(waveform, num_samples)
 
 
+def decode_clips(paths: list[Path], seconds: float, workers: int, progress: tqdm) -> Iterator[DecodedAudio | str]:
+    """The first ``seconds`` of each file (mono 22050 Hz), in order, or a message naming a file that cannot be
+    read; decoded in ``workers`` threads."""
+
+    def load(path: Path) -> DecodedAudio | str:
+        try:
+            return read_audio(path, max_seconds=seconds)
+        except DecodeError as exc:
+            return f"{path}: {exc.reason}: {exc.message}"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for result in pool.map(load, paths):
+            progress.update()
+            yield result
+
+
 def _decode(
     paths: list[Path], seconds: float, num_samples: int, workers: int, progress: tqdm
 ) -> tuple[np.ndarray, list[str]]:
     """Decoded, tiled waveforms ``[clips, num_samples]`` and one message per file that could not be read."""
-
-    def load(path: Path) -> np.ndarray | str:
-        try:
-            audio = read_audio(path, max_seconds=seconds)
-        except DecodeError as exc:
-            return f"{path}: {exc.reason}: {exc.message}"
-        return fixed_length(audio.as_float(), num_samples)
-
     out = np.empty((len(paths), num_samples), np.float32)
     errors = []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, result in enumerate(pool.map(load, paths)):
-            if isinstance(result, str):
-                errors.append(result)
-            else:
-                out[i] = result
-            progress.update()
+    for i, result in enumerate(decode_clips(paths, seconds, workers, progress)):
+        if isinstance(result, str):
+            errors.append(result)
+        else:
+            out[i] = fixed_length(result.as_float(), num_samples)
     return out, errors
 
 
-def _unreadable(errors: list[str]) -> DatasetError:
+def unreadable(errors: list[str]) -> DatasetError:
     shown = "\n  ".join(errors[:10])
     more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
     return DatasetError(f"{len(errors)} audio file(s) could not be read:\n  {shown}{more}")
@@ -66,7 +73,7 @@ def load_waveforms(paths: list[Path], seconds: float, workers: int = 4, num_samp
     with tqdm(total=len(paths), desc="decode audio", unit="clip") as progress:
         out, errors = _decode(paths, seconds, num_samples, workers, progress)
     if errors:
-        raise _unreadable(errors)
+        raise unreadable(errors)
     return out
 
 
@@ -99,12 +106,12 @@ def window_features(
     width = window_steps(model, layer, num_samples, window_seconds)
     batches = []
     starts = range(0, len(waveforms), batch_size)
-    for start in starts if progress else tqdm(starts, desc=f"features {layer}", unit="batch"):
+    for start in starts if progress is not None else tqdm(starts, desc=f"features {layer}", unit="batch"):
         x = torch.from_numpy(waveforms[start : start + batch_size]).to(device)
         out = model.features(x, layer)[layer]  # [B, C, steps]
         windows = out.unfold(-1, width, 1)  # [B, C, W, width]
         batches.append(windows.permute(0, 2, 1, 3).flatten(2).float().cpu().numpy())
-        if progress:
+        if progress is not None:
             progress.update(len(x))
     return np.concatenate(batches)
 
@@ -152,7 +159,7 @@ def dataset_features(
             chunks.append(window_features(model, waveforms, layer, window_seconds, batch_size, device, embedded))
             timings["features_s"] += time.perf_counter() - t
     if errors:
-        raise _unreadable(errors)
+        raise unreadable(errors)
     features = np.concatenate(chunks)
     cache.save(key, features)
     return features

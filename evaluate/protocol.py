@@ -48,15 +48,19 @@ def _fit(features: np.ndarray, labels: np.ndarray, C: float, config: SVMConfig):
     iterations than the dual one (measured on ESC-10 pool5: 12 vs 90 raw, 216 vs 1262 standardised).
     """
     if len(np.unique(labels)) < 2:
-        raise ValueError(
-            f"an SVM training set holds clips of class {labels[0]} only: every training set (all folds but one, "
-            "and with --cv-c all but two) needs clips of at least 2 classes; use fewer folds or more clips"
-        )
+        raise _one_class(labels[0])
     x = features.reshape(-1, features.shape[-1])
     y = np.repeat(labels, features.shape[1])
     steps = [StandardScaler()] if config.standardize else []
     svm = make_pipeline(*steps, LinearSVC(C=C, dual=False, max_iter=config.max_iter))
     return svm.fit(x, y)
+
+
+def _one_class(label: int) -> ValueError:
+    return ValueError(
+        f"an SVM training set holds clips of class {label} only: every training set (all folds but one, "
+        "and with --cv-c all but two) needs clips of at least 2 classes; use fewer folds or more clips"
+    )
 
 
 def clip_scores(svm, features: np.ndarray) -> np.ndarray:
@@ -72,17 +76,17 @@ def _predict(svm, features: np.ndarray) -> np.ndarray:
     return svm.classes_[clip_scores(svm, features).argmax(axis=1)]
 
 
-def _parallel(jobs: list, n_jobs: int, desc: str) -> list:
+def _parallel(jobs: list, n_jobs: int, desc: str, progress: bool = True) -> list:
     """Run ``(key, thunk)`` jobs in threads (liblinear releases the GIL, the features are shared, not copied),
     with a progress bar that advances as each job finishes; returns ``{key: result}``."""
     calls = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator_unordered")(
         delayed(lambda key, thunk: (key, thunk()))(key, thunk) for key, thunk in jobs
     )
-    return dict(tqdm(calls, total=len(jobs), desc=desc, unit="fit"))
+    return dict(tqdm(calls, total=len(jobs), desc=desc, unit="fit", disable=not progress))
 
 
 def _inner_accuracies(
-    features: np.ndarray, labels: np.ndarray, folds: np.ndarray, config: SVMConfig, n_jobs: int
+    features: np.ndarray, labels: np.ndarray, folds: np.ndarray, config: SVMConfig, n_jobs: int, progress: bool
 ) -> dict[tuple[int, int, float], float]:
     """Accuracy on fold ``j`` of an SVM trained without folds ``{k, j}``, for every pair and C.
 
@@ -105,7 +109,7 @@ def _inner_accuracies(
 
     jobs = [((a, b, C), pair(a, b, C)) for a, b in combinations(fold_ids, 2) for C in config.c_grid]
     scores: dict[tuple[int, int, float], float] = {}
-    for result in _parallel(jobs, n_jobs, "choose C (inner folds)").values():
+    for result in _parallel(jobs, n_jobs, "choose C (inner folds)", progress).values():
         scores.update(result)
     return scores
 
@@ -129,16 +133,14 @@ def testable_clips(labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
     return testable
 
 
-def run_protocol(
-    features: np.ndarray, labels: np.ndarray, folds: np.ndarray, config: SVMConfig, n_jobs: int = -1
-) -> ProtocolResult:
-    """Train on all folds but one, test on that one, for every fold (C chosen on the training folds if asked).
-
-    A fold's accuracy is over its testable clips (:func:`testable_clips`); the others are predicted but not scored.
-    """
+def check_folds(labels: np.ndarray, folds: np.ndarray, config: SVMConfig) -> None:
+    """Refuse a fold layout the protocol cannot score: fewer than 2 folds (3 with ``cv_c``), a fold none of whose
+    clips can be tested, or a training set of one class."""
     fold_ids = [int(k) for k in np.unique(folds)]
     if len(fold_ids) < 2:
         raise ValueError(f"leave-one-fold-out needs at least 2 folds, the dataset has {fold_ids}")
+    if config.cv_c and len(fold_ids) < 3:
+        raise ValueError(f"--cv-c needs at least 3 folds (leave-one-fold-out inside the training ones), got {fold_ids}")
     testable = testable_clips(labels, folds)
     for k in fold_ids:
         if not testable[folds == k].any():
@@ -146,26 +148,44 @@ def run_protocol(
                 f"fold {k} holds only classes that no other fold has ({sorted(set(labels[folds == k].tolist()))}): "
                 "none of its clips can be tested; spread every class over at least 2 folds"
             )
+        if len(np.unique(labels[folds != k])) < 2:
+            raise _one_class(labels[folds != k][0])
+
+
+def run_protocol(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: np.ndarray,
+    config: SVMConfig,
+    n_jobs: int = -1,
+    verbose: bool = True,
+) -> ProtocolResult:
+    """Train on all folds but one, test on that one, for every fold (C chosen on the training folds if asked);
+    ``verbose``: progress bars and a log line per fold.
+
+    A fold's accuracy is over its testable clips (:func:`testable_clips`); the others are predicted but not scored.
+    """
+    check_folds(labels, folds, config)
+    fold_ids = [int(k) for k in np.unique(folds)]
+    testable = testable_clips(labels, folds)
     chosen = {k: config.C for k in fold_ids}
     if config.cv_c:
-        if len(fold_ids) < 3:
-            raise ValueError(
-                f"--cv-c needs at least 3 folds (leave-one-fold-out inside the training ones), got {fold_ids}"
-            )
-        scores = _inner_accuracies(features, labels, folds, config, n_jobs)
+        scores = _inner_accuracies(features, labels, folds, config, n_jobs, verbose)
         chosen = {k: _select_c(k, fold_ids, scores, config) for k in fold_ids}
-        log.info("C chosen per fold: %s", chosen)
+        if verbose:
+            log.info("C chosen per fold: %s", chosen)
 
     def one_fold(k: int) -> Callable[[], np.ndarray]:
         train, test = folds != k, folds == k
         return lambda: _predict(_fit(features[train], labels[train], chosen[k], config), features[test])
 
-    outcomes = _parallel([(k, one_fold(k)) for k in fold_ids], n_jobs, "SVM folds")
+    outcomes = _parallel([(k, one_fold(k)) for k in fold_ids], n_jobs, "SVM folds", verbose)
     predictions = np.empty_like(labels)
     fold_accuracies = {}
     for k in fold_ids:
         predictions[folds == k] = outcomes[k]
         scored = testable[folds == k]
         fold_accuracies[k] = float(np.mean(outcomes[k][scored] == labels[folds == k][scored]))
-        log.info("fold %d: C=%g accuracy %.4f", k, chosen[k], fold_accuracies[k])
+        if verbose:
+            log.info("fold %d: C=%g accuracy %.4f", k, chosen[k], fold_accuracies[k])
     return ProtocolResult(fold_accuracies, predictions, testable, chosen)

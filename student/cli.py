@@ -85,8 +85,29 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network.")
 @click.option("--log-every", type=click.IntRange(min=1), default=_TRAIN.log_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_TRAIN.checkpoint_every, show_default=True)
+@click.option(
+    "--keep-checkpoints",
+    type=click.IntRange(min=0),
+    default=_TRAIN.keep_checkpoints,
+    show_default=True,
+    help="Keep the newest N step-N.pt besides last.pt (0: write none).",
+)
 @click.option("--val-shards", multiple=True, help="Held-out shards: KL and top-1 agreement with each teacher.")
-@click.option("--val-every", type=click.IntRange(min=1), default=_TRAIN.val_every, show_default=True)
+@click.option(
+    "--val-every",
+    type=click.IntRange(min=1),
+    default=_TRAIN.val_every,
+    show_default=True,
+    help="Steps between held-out validations and probes.",
+)
+@click.option(
+    "--probe",
+    multiple=True,
+    metavar="DATASET:DIR",
+    help="Score the student on a labelled set with `evaluate svm`'s protocol at every --val-every step and at "
+    "the end (DATASET: esc10, esc50, dcase, folder, urbansound8k); repeatable.",
+)
+@click.option("--probe-layer", default=_TRAIN.probe_layer, show_default=True, help="The layer the probe's SVM reads.")
 @click.option("--seed", type=int, default=_TRAIN.seed, show_default=True)
 @click.option(
     "--resume",
@@ -98,9 +119,13 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     is_flag=True,
     help="Leave out shards whose teachers differ from the set most shards have, instead of refusing the run.",
 )
-def train_command(shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...], compile_: bool, **options) -> None:
+def train_command(
+    shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...], probe: tuple[str, ...], compile_: bool, **options
+) -> None:
     """Distil the teachers stored in the shards into a SoundNet; runs under torchrun for several GPUs or machines."""
-    config = TrainConfig(shards=list(shards), out=str(out), val_shards=list(val_shards), compile=compile_, **options)
+    config = TrainConfig(
+        shards=list(shards), out=str(out), val_shards=list(val_shards), probe=list(probe), compile=compile_, **options
+    )
     try:
         train(config)
     except (NonFiniteLoss, OutputError, FileNotFoundError, FileExistsError, ValueError) as exc:

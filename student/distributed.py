@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -75,6 +76,24 @@ def gather_objects(items: list[Any], where: Dist) -> list[Any]:
     lists: list[list[Any]] = [[] for _ in range(where.world_size)]
     dist.all_gather_object(lists, items)
     return [item for part in lists for item in part]
+
+
+def waiting_group(where: Dist) -> Any:
+    """A gloo group for waiting while rank 0 alone works (a probe), with a timeout of hours: the other ranks idle
+    there rather than inside a collective of the default group, whose timeout (NCCL's watchdog: 10 min) would
+    abort them. Every rank must create it, at the same point; None on a single process."""
+    if where.world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(hours=6))
+
+
+def broadcast_from_main(value: Any, where: Dist, group: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself on a single process)."""
+    if where.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def weights_digest(model: nn.Module) -> str:

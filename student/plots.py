@@ -10,7 +10,8 @@ from soundnet.shards.atomic import atomic_path
 
 
 def write_loss_curves(metrics: str | os.PathLike, png: str | os.PathLike) -> None:
-    """Plot the total loss and the KL per teacher over steps (and the held-out KL where reported), atomically.
+    """Plot the total loss and the KL per teacher over steps (and the held-out KL where reported), and in a third
+    panel the accuracy of each ``--probe`` where there is one, atomically.
 
     Lines of ``metrics`` that are not complete records (a crash mid-write) are left out.
     """
@@ -22,20 +23,26 @@ def write_loss_curves(metrics: str | os.PathLike, png: str | os.PathLike) -> Non
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, kl_ax = fig.subplots(1, 2)
+    probes = sorted({k for r in records for k in r if k.startswith("probe/")})
+    fig = Figure(figsize=(15 if probes else 10, 4), layout="constrained")
+    loss_ax, kl_ax, *probe_ax = fig.subplots(1, 3 if probes else 2)
     _plot(loss_ax, records, "loss", "training loss")
     for name in sorted({k for r in records for k in r if k.startswith(("kl_", "val_kl_"))}):
         _plot(kl_ax, records, name, name.replace("val_kl_", "held-out KL ").replace("kl_", "KL "))
     loss_ax.set(xlabel="step", ylabel="loss (lambda x mean KL)", title="total loss")
     kl_ax.set(xlabel="step", ylabel="KL (as in the loss)", title="KL per teacher")
     kl_ax.legend()
+    for name in probes:
+        _plot(probe_ax[0], records, name, name[6:], marker=True)
+    if probes:
+        probe_ax[0].set(xlabel="step", ylabel="mean accuracy over folds", title="probe (evaluate svm protocol)")
+        probe_ax[0].legend()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _plot(ax, records: list[dict], key: str, label: str) -> None:
+def _plot(ax, records: list[dict], key: str, label: str, marker: bool = False) -> None:
     points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
     if points:
         steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label)
+        ax.plot(steps, values, marker="." if marker or len(points) < 50 else None, label=label)

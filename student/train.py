@@ -37,7 +37,16 @@ from soundnet.shards.atomic import atomic_path
 from soundnet.shards.reader import expand_shards
 from soundnet.student.checkpoint import OutputError, read_checkpoint, save_checkpoint, writing
 from soundnet.student.data import Clips, HeldOut, ShardSet, make_loader, model_alignment, scan_shards, to_device
-from soundnet.student.distributed import Dist, all_sum, gather_digests, gather_objects, init_distributed, shutdown
+from soundnet.student.distributed import (
+    Dist,
+    all_sum,
+    broadcast_from_main,
+    gather_digests,
+    gather_objects,
+    init_distributed,
+    shutdown,
+    waiting_group,
+)
 from soundnet.student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
 from soundnet.student.model import ModelConfig, SoundNet, build_model
 from soundnet.student.plots import write_loss_curves
@@ -72,6 +81,25 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     exclude_mismatched: bool = False  # leave out shards with another teacher set instead of refusing
+    keep_checkpoints: int = 3  # newest step-N.pt files kept besides last.pt; 0: none written
+    probe: list[str] = field(default_factory=list)  # DATASET:DIR sets scored with the evaluator's protocol
+    probe_layer: str = "pool5"
+
+
+RESUME_RULES: dict[str, str] = {
+    # refused: the run would go on minimising another loss on another network (its loss curve would jump)
+    "arch": "refused", "kl_weight": "refused", "kl_norm": "refused", "temperature": "refused",
+    # applied to the optimiser's param groups after its state is loaded, and logged
+    "lr": "optimiser", "beta1": "optimiser",
+    # applied, with a warning that the run no longer equals an uninterrupted one (other batches or numerics)
+    "batch_size": "not exact", "seed": "not exact", "amp": "not exact", "compile": "not exact",
+    # applied: what is read, run, logged, saved or probed, not how the weights move
+    "shards": "applied", "out": "applied", "steps": "applied", "workers": "applied", "device": "applied",
+    "log_every": "applied", "checkpoint_every": "applied", "val_shards": "applied", "val_every": "applied",
+    "resume": "applied", "exclude_mismatched": "applied", "keep_checkpoints": "applied", "probe": "applied",
+    "probe_layer": "applied",
+}  # fmt: skip
+"""What ``--resume`` does with each option that differs from the checkpoint's (README, "Exact resumption")."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,8 +122,9 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
         _prepare_out(out)
     shards, held_out_shards = _scan(cfg, log.warning if where.is_main else log.debug)
     model, clips, held_out = _build(cfg, shards, held_out_shards, where)
+    probes, probe_group = _load_probes(cfg, model, where, say)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    start, broken = _resume(cfg, out, model, optimizer, shards, say)
+    start, broken = _resume(cfg, out, model, optimizer, shards, where)
     net, amp = _wrap(model, cfg, where)
     loader = make_loader(
         clips, cfg.batch_size, seed=cfg.seed, start=start, steps=cfg.steps, workers=cfg.workers,
@@ -122,11 +151,16 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
             final = step == cfg.steps
             save = step % cfg.checkpoint_every == 0 or final
             validate = held_out is not None and (step % cfg.val_every == 0 or final)
-            if not (step % cfg.log_every == 0 or save or validate):
+            probe = bool(cfg.probe) and (step % cfg.val_every == 0 or final)
+            if not (step % cfg.log_every == 0 or save or validate or probe):
                 continue
             record = window.report(step, out)
             if validate:
                 record.update(_evaluate(model, held_out, loss_fn, amp, where))
+            if probe:
+                window.probe = _probe(probes, model, cfg, where, probe_group)
+                record.update(window.probe)
+            window.start = time.perf_counter()  # steps/s counts steps: not validation, probes or the report
             if metrics is not None:
                 with writing(metrics.name):
                     metrics.write(json.dumps(record) + "\n")
@@ -137,6 +171,8 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
             # ---- save: checkpoints and the loss curves (rank 0), after checking the weights are finite --------
             if save:
                 _save(cfg, out, step, model, optimizer, window, where)
+            elif probe and where.is_main:
+                _draw(out)
     if metrics is not None:
         metrics.close()
     return _finish(cfg, out, model, shards, start, window, where, say)
@@ -191,9 +227,10 @@ def _build(
 
 
 def _resume(
-    cfg: TrainConfig, out: Path, model: SoundNet, optimizer: torch.optim.Optimizer, shards: ShardSet, say
+    cfg: TrainConfig, out: Path, model: SoundNet, optimizer: torch.optim.Optimizer, shards: ShardSet, where: Dist
 ) -> tuple[int, list[str]]:
     """Load the newest intact checkpoint when resuming: returns the step it is at and the broken samples met."""
+    say, warn = (log.info, log.warning) if where.is_main else (log.debug, log.debug)
     found = _find_checkpoint(cfg, out / "checkpoints")
     damage = [f"{url}: {what}" for url, what in shards.damaged.items()]  # counted once, with the run's earlier finds
     if found is None:
@@ -205,18 +242,56 @@ def _resume(
             f"{path} is a {saved['arch']} with heads {saved['heads']}; this run asks for {cfg.arch} "
             f"and the shards give heads {shards.heads}"
         )
-    if state.get("data") != _data_id(cfg, shards):
-        log.warning("%s was trained on other shards or another seed: the data order differs from its run", path)
+    changed = _changed_options(cfg, state, path)
+    if state.get("data", {}).get("shards") != _data_id(cfg, shards)["shards"]:
+        warn("%s was trained on other shards: the data order differs from its run; resumption is not exact", path)
+    if state.get("world_size", where.world_size) != where.world_size:
+        warn("%d rank(s) now, %d when %s was saved: other batches from step %d on; resumption is not exact",
+             where.world_size, state["world_size"], path, state["step"])  # fmt: skip
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     say("resuming from %s at step %d", path, state["step"])
+    for name, (before, now) in changed.items():
+        rule = RESUME_RULES[name]
+        if rule == "optimiser":  # the loaded state holds the old value: the new one replaces it
+            for group in optimizer.param_groups:
+                if name == "lr":
+                    group["lr"] = now
+                else:
+                    group["betas"] = (now, group["betas"][1])
+            warn("%s changed %s -> %s at step %d", name, before, now, state["step"])
+        elif rule == "not exact":
+            warn("%s %s differs from the checkpoint's %s: applied from step %d; resumption is not exact (the "
+                 "run no longer equals one uninterrupted run)", _option(name), now, before, state["step"])  # fmt: skip
+        elif name not in ("resume", "steps"):
+            say("%s changed %s -> %s at step %d", _option(name), before, now, state["step"])
     return state["step"], list(dict.fromkeys([*state.get("broken", []), *damage]))
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _changed_options(cfg: TrainConfig, state: dict[str, Any], path: Path) -> dict[str, tuple[Any, Any]]:
+    """The options that differ from the checkpoint's run, ``{name: (then, now)}``; a ValueError names every refused
+    one (:data:`RESUME_RULES`). Options a checkpoint of an older release lacks count as unchanged."""
+    saved = state.get("train_config", {})
+    now = dataclasses.asdict(cfg)
+    changed = {name: (saved[name], value) for name, value in now.items() if name in saved and saved[name] != value}
+    refused = [f"{_option(n)} {v} differs from the checkpoint's {b}" for n, (b, v) in changed.items()
+               if RESUME_RULES[n] == "refused"]  # fmt: skip
+    if refused:
+        raise ValueError(
+            f"{'; '.join(refused)}: {path} was trained on another loss, which the run would go on minimising "
+            "under the same name; resume with the checkpoint's value, or start a new run in another --out"
+        )
+    return changed
 
 
 def _find_checkpoint(cfg: TrainConfig, folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """``last.pt``, else the newest readable ``step-N.pt``, with its state; None to start at step 0."""
-    steps = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    steps = [path for _, path in _step_checkpoints(folder)]
     candidates = [p for p in [folder / "last.pt", *reversed(steps)] if p.exists()]
     if not candidates:
         if cfg.resume:
@@ -233,6 +308,32 @@ def _find_checkpoint(cfg: TrainConfig, folder: Path) -> tuple[Path, dict[str, An
         except ValueError as exn:
             log.warning("%s; trying an older checkpoint", exn)
     raise ValueError(f"none of the checkpoints in {folder} can be resumed (see above): move them away to start over")
+
+
+def _step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The ``step-N.pt`` files of a run folder with their steps, oldest first."""
+    found = [(int(p.stem[5:]), p) for p in folder.glob("step-*.pt") if p.stem[5:].isdigit()]
+    return sorted(found)
+
+
+def _load_probes(cfg: TrainConfig, model: SoundNet, where: Dist, say) -> tuple[list[Any], Any]:
+    """Each ``--probe`` set decoded once, on rank 0 (the others check the options and wait for its scores), and
+    the group the other ranks wait in. PyAV comes in through the evaluator only when a probe is asked for."""
+    if not cfg.probe:
+        return [], None
+    from soundnet.evaluate.probe import Probe, probe_names
+
+    model.output_length(cfg.probe_layer, 0)  # an unknown --probe-layer fails here, on every rank
+    names = probe_names(cfg.probe)
+    probes = []
+    for spec, name in zip(cfg.probe, names) if where.is_main else ():
+        start = time.perf_counter()
+        probes.append(Probe.load(spec, name, cfg.probe_layer, workers=max(1, cfg.workers)))
+        data = probes[-1].data
+        say("probe %s: %d clips, %d classes, folds %s, decoded in %.1f s; scored on %s at every --val-every "
+            "step and at the end", name, len(data.clips), len(data.classes), data.folds,
+            time.perf_counter() - start, cfg.probe_layer)  # fmt: skip
+    return probes, waiting_group(where)
 
 
 def _wrap(model: SoundNet, cfg: TrainConfig, where: Dist) -> tuple[torch.nn.Module, bool]:
@@ -298,6 +399,7 @@ class Window:
         self.new_broken: list[str] = []  # this rank, since the last report
         self.sums = torch.zeros(1 + len(heads), dtype=torch.float64, device=where.device)
         self.last_saved = last_saved
+        self.probe: dict[str, float] = {}  # the last probe's scores
         self.loss: float | None = None
         self.run_start = self.start = time.perf_counter()
         self.first_step, self.steps, self.data_s = last_saved or 0, 0, 0.0
@@ -356,7 +458,8 @@ def _save(
     window: Window,
     where: Dist,
 ) -> None:
-    """``step-N.pt`` every ``checkpoint_every`` steps and ``last.pt`` (rank 0, atomically), then ``loss.png``."""
+    """``step-N.pt`` every ``checkpoint_every`` steps (the newest ``keep_checkpoints`` are kept) and ``last.pt``
+    (rank 0, atomically), then ``loss.png``."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise NonFiniteLoss(window.stopped(f"the weights are not finite at step {step}", out))
     if where.is_main:
@@ -366,16 +469,33 @@ def _save(
             "step": step,
             "rng": _rng_state(),
             "train_config": dataclasses.asdict(cfg),
+            "world_size": where.world_size,
             "loss": window.loss,
             "broken": list(window.broken),
             "data": window.data,
         }
-        if step % cfg.checkpoint_every == 0:
+        if step % cfg.checkpoint_every == 0 and cfg.keep_checkpoints:
             save_checkpoint(last.with_name(f"step-{step:07d}.pt"), model, **extra)
         save_checkpoint(last, model, **extra)
-        with writing(out / "loss.png"):
-            write_loss_curves(out / "metrics.jsonl", out / "loss.png")
+        _prune_checkpoints(last.parent, step, cfg.keep_checkpoints)
+        _draw(out)
     window.last_saved = step
+
+
+def _draw(out: Path) -> None:
+    """``loss.png`` from ``metrics.jsonl``: at every checkpoint and after every probe."""
+    with writing(out / "loss.png"):
+        write_loss_curves(out / "metrics.jsonl", out / "loss.png")
+
+
+def _prune_checkpoints(folder: Path, step: int, keep: int) -> None:
+    """Remove all but the newest ``keep`` ``step-N.pt`` up to ``step``, after ``last.pt`` holds ``step``: a kill
+    at any point leaves ``last.pt`` and at least ``keep`` of them (files after ``step``, from a run that
+    continued past the checkpoint it resumed from, are replaced when this run gets there)."""
+    done = [path for n, path in _step_checkpoints(folder) if n <= step]
+    for path in done[: max(0, len(done) - keep)]:
+        with writing(path):
+            path.unlink(missing_ok=True)
 
 
 def _open_metrics(path: Path, keep_until: int):
@@ -395,6 +515,18 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+def _probe(probes: list[Any], model: SoundNet, cfg: TrainConfig, where: Dist, group: Any) -> dict[str, float]:
+    """``probe/<name>`` accuracies and ``probe_s``: rank 0 scores the bare model, the others wait for its result,
+    so that every rank records the same and all go on together."""
+    scores: dict[str, float] = {}
+    if where.is_main:
+        start = time.perf_counter()
+        for probe in probes:
+            scores[f"probe/{probe.name}"] = probe.score(model, where.device, cfg.batch_size)
+        scores["probe_s"] = time.perf_counter() - start
+    return broadcast_from_main(scores, where, group)
 
 
 @torch.no_grad()
@@ -439,6 +571,9 @@ def _progress_line(record: dict[str, Any], steps: int) -> str:
     if "val_loss" in record:
         tops = ", ".join(f"{k[9:]} {v:.3f}" for k, v in record.items() if k.startswith("val_top1_"))
         line += f"  | val loss {record['val_loss']:.4f}, top-1 agreement {tops}"
+    if "probe_s" in record:
+        scores = ", ".join(f"{k[6:]} {v:.3f}" for k, v in record.items() if k.startswith("probe/"))
+        line += f"  | probe {scores} ({record['probe_s']:.1f} s)"
     return line
 
 
@@ -468,6 +603,7 @@ def _finish(
         "checkpoint": str(out / "checkpoints" / "last.pt") if window.last_saved is not None else None,
         "weights_sha256": digests[0],
         "rank_weights_sha256": digests,
+        **window.probe,
     }
     if where.is_main:
         with writing(out / "summary.json"), atomic_path(out / "summary.json") as tmp:

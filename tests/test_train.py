@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from soundnet.shards.reader import iter_samples
 from soundnet.student.checkpoint import load_checkpoint, read_checkpoint
+from soundnet.student.cli import main as student_cli
 from soundnet.student.distributed import weights_digest
 from soundnet.student.loss import distill_loss, top1_agreement
 from soundnet.student.train import NonFiniteLoss, TrainConfig, train
@@ -146,12 +150,31 @@ def esc10_folder(root: Path, classes: tuple[str, ...] = ("dog", "rooster"), per_
     return root
 
 
+def esc10_tree(root: Path, classes: tuple[str, ...] = ("dog", "rooster", "rain")) -> Path:
+    """A small ESC-10 in the ESC-50 layout (esc50.csv, audio/ of links): one real clip of each class per fold."""
+    esc = shared_path("esc50")
+    with open(esc / "esc50.csv") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if r["esc10"] == "True" and r["category"] in classes]
+    picked = {(r["category"], r["fold"]): r for r in reversed(rows)}.values()  # the first of each class and fold
+    (root / "audio").mkdir(parents=True)
+    with open(root / "esc50.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(picked)
+    for row in picked:
+        stem = Path(row["filename"]).stem
+        (root / "audio" / f"{stem}.flac").symlink_to(esc / "audio" / f"{stem}.flac")
+    return root
+
+
 def test_run_writes_metrics_and_checkpoints_resumes_and_evaluates(real_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     held_out = real_shards / "shard-000003.tar"
+    probe = esc10_tree(tmp_path / "esc10")
     first = student_train(
         real_shards, out, "--steps", "4", *SMALL, "--log-every", "1", "--checkpoint-every", "2",
-        "--val-shards", str(held_out), "--val-every", "4",
+        "--val-shards", str(held_out), "--val-every", "2", "--probe", f"esc10:{probe}",
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     records = read_metrics(out)
@@ -165,7 +188,15 @@ def test_run_writes_metrics_and_checkpoints_resumes_and_evaluates(real_shards: P
     for name in ("imagenet", "places"):
         assert val[f"val_kl_{name}"] > 0 and 0 <= val[f"val_top1_{name}"] <= 1
 
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curves, beside metrics.jsonl
+    # the probe: 15 ESC-10 clips scored with the evaluator's protocol at every --val-every step and at the end
+    assert [r["step"] for r in records if "probe/esc10" in r] == [2, 4]
+    assert all(0 <= r["probe/esc10"] <= 1 and r["probe_s"] > 0 for r in records if "probe/esc10" in r)
+    assert json.loads((out / "summary.json").read_text())["probe/esc10"] == records[-1]["probe/esc10"]
+    assert "probe esc10: 15 clips, 3 classes, folds [1, 2, 3, 4, 5]" in first.stderr
+    assert f"| probe esc10 {records[-1]['probe/esc10']:.3f}" in first.stderr
+    picture = matplotlib.image.imread(out / "loss.png")  # the loss curves, beside metrics.jsonl; the probe's panel
+    assert picture.shape[1] == 1500 and picture.std() > 0.05
+
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step-0000002.pt", "step-0000004.pt"]
     state = read_checkpoint(checkpoints / "last.pt")
@@ -247,10 +278,11 @@ def test_torchrun_two_ranks_take_the_same_steps_and_end_with_identical_weights(
 ) -> None:
     out = tmp_path / "ddp"
     held_out = real_shards / "shard-000003.tar"
+    probe = esc10_folder(tmp_path / "probe")  # rank 0 scores it while rank 1 waits
     run(
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", BIN / "student",
         "train", "--shards", f"{real_shards}/shard-{{000000..000003}}.tar", "--out", out, "--steps", "6", *SMALL,
-        "--log-every", "3", "--val-shards", held_out, "--val-every", "6",
+        "--log-every", "3", "--val-shards", held_out, "--val-every", "3", "--probe", f"folder:{probe}",
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
@@ -261,6 +293,7 @@ def test_torchrun_two_ranks_take_the_same_steps_and_end_with_identical_weights(
     assert [r["step"] for r in records] == [3, 6]
     held_out_clips = sum(1 for _ in iter_samples(held_out))
     assert records[-1]["val_clips"] == held_out_clips  # each held-out clip once, over both ranks
+    assert all(0 <= r["probe/folder"] <= 1 for r in records) and summary["probe/folder"] == records[-1]["probe/folder"]
 
 
 @pytest.mark.acceptance
@@ -345,10 +378,8 @@ def test_a_good_run_plus_a_cut_shard_a_non_tar_and_another_teacher_set_trains_wi
 
 # ---- exact resumption, the newest intact checkpoint, clear write errors ----------------------------------------
 def small_run(shards: Path, out: Path, steps: int, workers: int = 0, **options) -> TrainConfig:
-    options = {"checkpoint_every": 2, **options}
-    return TrainConfig(
-        shards=[str(shards)], out=str(out), steps=steps, batch_size=2, workers=workers, log_every=1, seed=3, **options
-    )
+    options = {"checkpoint_every": 2, "batch_size": 2, **options}
+    return TrainConfig(shards=[str(shards)], out=str(out), steps=steps, workers=workers, log_every=1, seed=3, **options)
 
 
 @pytest.fixture(scope="module")
@@ -403,6 +434,76 @@ def test_resume_takes_the_newest_intact_checkpoint_and_sweeps_temporary_files(
     assert summary["start_step"] == 2 and read_checkpoint(last)["step"] == 5
     with pytest.raises(FileExistsError, match="--resume"):
         train(small_run(synthetic_shards, out, 6, arch="soundnet5"))
+
+
+def test_resume_applies_a_new_lr_names_a_new_batch_size_and_refuses_another_loss(
+    synthetic_shards: Path, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "run"
+    train(small_run(synthetic_shards, out, 2, arch="soundnet5"))
+    with caplog.at_level("INFO"):
+        train(small_run(synthetic_shards, out, 3, arch="soundnet5", resume=True, lr=0.1, batch_size=3))
+    assert "lr changed 0.001 -> 0.1 at step 2" in caplog.text
+    assert "--batch-size 3 differs from the checkpoint's 2: applied from step 2; resumption is not exact" in caplog.text
+    state = read_checkpoint(out / "checkpoints" / "last.pt")
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [0.1]  # what the optimiser used
+    assert state["train_config"]["lr"] == 0.1 and state["train_config"]["batch_size"] == 3
+    assert [(r["step"], r["lr"]) for r in read_metrics(out)] == [(1, 0.001), (2, 0.001), (3, 0.1)]
+
+    args = ["train", "--shards", str(synthetic_shards), "--out", str(out), "--steps", "4", "--arch", "soundnet5"]
+    args += ["--batch-size", "3", "--lr", "0.1", "--seed", "3", "--workers", "0", "--resume"]
+    refused = CliRunner().invoke(student_cli, [*args, "--kl-norm", "sample", "--temperature", "2"])
+    assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit)  # a ClickException, one message
+    message = "--kl-norm sample differs from the checkpoint's mean; --temperature 2.0 differs from the checkpoint's 1.0"
+    assert message in refused.output
+    assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3  # nothing trained
+
+
+def test_a_probe_leaves_training_unchanged_and_bad_probe_options_are_named(
+    synthetic_shards: Path, tmp_path: Path
+) -> None:
+    probe = esc10_folder(tmp_path / "probe")
+    plain = train(small_run(synthetic_shards, tmp_path / "plain", 2, arch="soundnet5"))
+    options = {"arch": "soundnet5", "probe": [f"folder:{probe}"], "probe_layer": "pool3", "val_every": 1}
+    probed = train(small_run(synthetic_shards, tmp_path / "probed", 2, **options))
+    assert probed["weights_sha256"] == plain["weights_sha256"]  # the probe runs the model in eval mode, then back
+    assert [r["step"] for r in read_metrics(tmp_path / "probed") if "probe/folder" in r] == [1, 2]
+    with pytest.raises(ValueError, match=r"--probe esc11:.*: expected DATASET:DIR with DATASET one of dcase, esc10"):
+        train(small_run(synthetic_shards, tmp_path / "bad", 1, **{**options, "probe": [f"esc11:{probe}"]}))
+    with pytest.raises(ValueError, match="unknown layer 'pool5'; soundnet5 has"):
+        train(small_run(synthetic_shards, tmp_path / "bad", 1, **{**options, "probe_layer": "pool5"}))
+    with pytest.raises(ValueError, match=rf"--probe esc10:{tmp_path}: .*no esc50\.csv"):
+        train(small_run(synthetic_shards, tmp_path / "bad", 1, **{**options, "probe": [f"esc10:{tmp_path}"]}))
+
+
+def test_probe_names_are_the_dataset_or_dataset_and_folder() -> None:
+    from soundnet.evaluate.probe import probe_names
+
+    assert probe_names(["esc10:/d/esc50", "folder:/d/birds"]) == ["esc10", "folder"]
+    assert probe_names(["folder:/d/birds", "folder:/e/cars", "folder:/f/cars"]) == [
+        "folder-birds", "folder-cars", "folder-cars-2"
+    ]  # fmt: skip
+
+
+def test_every_option_has_a_resume_rule() -> None:
+    from soundnet.student.train import RESUME_RULES
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(RESUME_RULES) == sorted(fields)
+    assert set(RESUME_RULES.values()) == {"refused", "optimiser", "not exact", "applied"}
+
+
+def test_keep_checkpoints_keeps_the_newest_step_files(synthetic_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    train(small_run(synthetic_shards, out, 5, arch="soundnet5", checkpoint_every=1, keep_checkpoints=2))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step-0000004.pt", "step-0000005.pt"]
+    (checkpoints / "step-0000009.pt").write_bytes(b"from a run that went on past last.pt")
+    train(small_run(synthetic_shards, out, 7, arch="soundnet5", checkpoint_every=1, keep_checkpoints=1, resume=True))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step-0000007.pt", "step-0000009.pt"]
+    train(small_run(synthetic_shards, out, 8, arch="soundnet5", checkpoint_every=1, keep_checkpoints=0, resume=True))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step-0000009.pt"]
+    assert read_checkpoint(checkpoints / "last.pt")["step"] == 8
 
 
 def in_namespace(script: str) -> subprocess.CompletedProcess:
