@@ -6,14 +6,15 @@ and over ranks, checked to be finite, logged) and held-out validation; the save.
 each on its own part of every step's global batch, so no rank waits for another that ran out of data; rank 0
 alone writes.
 
-``--out`` holds ``metrics.jsonl`` (one object per report), ``loss.png`` (the loss curves, redrawn at every
-checkpoint), ``checkpoints/last.pt`` and ``checkpoints/step-N.pt`` (the checkpoint format of
-:mod:`student.checkpoint`, plus optimiser, step, RNG state and the broken samples met) and, at the end,
-``summary.json``. It must be on a file system that every rank sees.
+``--out`` holds ``metrics.jsonl`` (one object per report), ``loss.png`` (the loss curves and any ``--probe``
+accuracy, redrawn at every checkpoint and probe), ``checkpoints/last.pt`` and the newest ``--keep-checkpoints``
+``checkpoints/step-N.pt`` (the checkpoint format of :mod:`student.checkpoint`, plus optimiser, step, RNG state and
+the broken samples met) and, at the end, ``summary.json``. It must be on a file system that every rank sees.
 
 Resuming is exact: the batch of every step is a function of the seed and the step (:mod:`student.data`), so a run
 stopped or killed at step k and resumed to n ends with the weights of an uninterrupted run to n, bit for bit, on
-the same shards, seed, device and number of ranks (the number of loader workers does not matter).
+the same shards, seed, device and number of ranks (the number of loader workers does not matter). Options that
+differ from the checkpoint's are refused, applied or warned about as :data:`RESUME_RULES` says.
 """
 
 from __future__ import annotations

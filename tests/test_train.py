@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,30 @@ def test_torchrun_two_ranks_take_the_same_steps_and_end_with_identical_weights(
     held_out_clips = sum(1 for _ in iter_samples(held_out))
     assert records[-1]["val_clips"] == held_out_clips  # each held-out clip once, over both ranks
     assert all(0 <= r["probe/folder"] <= 1 for r in records) and summary["probe/folder"] == records[-1]["probe/folder"]
+
+
+@pytest.mark.slow
+def test_the_readme_probe_run_scores_esc10_at_steps_2_and_4_and_draws_it(real_shards: Path, tmp_path: Path) -> None:
+    """The README's probe command exactly as written, run where `runs/shards` are the real shards and
+    `../shared/data` the real data: ESC-10 (400 clips) is scored at steps 2 and 4, and drawn."""
+    from tests.conftest import SHARED_DATA
+    from tests.test_ray import readme_block
+
+    work = tmp_path / "repo"
+    (work / "runs").mkdir(parents=True)
+    (work / "runs" / "shards").symlink_to(real_shards)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["sh", "-ec", readme_block("--probe esc10:")], cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(work / "runs" / "probed")
+    assert [r["step"] for r in records if "probe/esc10" in r] == [2, 4]
+    assert all(0.3 < r["probe/esc10"] < 1 for r in records if "probe/esc10" in r)  # ten classes: chance is 0.1
+    assert "probe esc10: 400 clips, 10 classes, folds [1, 2, 3, 4, 5]" in done.stderr
+    assert matplotlib.image.imread(work / "runs" / "probed" / "loss.png").shape[1] == 1500  # the probe's panel
 
 
 @pytest.mark.acceptance
