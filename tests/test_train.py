@@ -297,10 +297,11 @@ def test_torchrun_two_ranks_take_the_same_steps_and_end_with_identical_weights(
     assert all(0 <= r["probe/folder"] <= 1 for r in records) and summary["probe/folder"] == records[-1]["probe/folder"]
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_the_readme_probe_run_scores_esc10_at_steps_2_and_4_and_draws_it(real_shards: Path, tmp_path: Path) -> None:
     """The README's probe command exactly as written, run where `runs/shards` are the real shards and
-    `../shared/data` the real data: ESC-10 (400 clips) is scored at steps 2 and 4, and drawn."""
+    `../shared/data` the real data: ESC-10 (400 clips) is scored at steps 2 and 4, and drawn (about 2 minutes:
+    two probes of a random network; the default suite probes a 15-clip ESC-10 in the first run test)."""
     from tests.conftest import SHARED_DATA
     from tests.test_ray import readme_block
 
