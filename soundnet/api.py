@@ -1,6 +1,7 @@
 """The feature API: load a SoundNet, get embeddings of any named layer for any audio, with their times.
 
-``load_model(path)`` takes a checkpoint (format v1/v2) or the released ``soundnet8.npz``;
+``load_model(model)`` takes a released model's name (``"soundnet8"``: downloaded once, see :mod:`soundnet.weights`)
+or any model file (a checkpoint, the released ``soundnet8.npz`` or ``sound8.npy``, ``.safetensors``);
 ``embed(model, audio, sample_rate, layer)`` takes numpy or torch audio, mono ``[samples]`` or
 ``[channels, samples]``, at any rate and of any length, and returns ``(embeddings [T, D] float32, times_s [T])``.
 
@@ -23,27 +24,25 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from soundnet.student.checkpoint import load_checkpoint
 from soundnet.student.model import ARCHITECTURES, SoundNet
-from soundnet.student.soundnet_import import import_soundnet8
+from soundnet.weights import resolve
 
 DEFAULT_LAYER = "pool5"
+MAX_PEAK = 2.0
+"""Float audio peaking above this is not in [-1, 1]: almost always int16 samples converted without scaling."""
 CHUNK_SECONDS = 60.0
 """Audio per forward pass for long inputs: about 0.25 GB of activations for SoundNet8 (bench/embed.py)."""
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SoundNet:
-    """A SoundNet in eval mode from a checkpoint or the released ``.npz``; ``model.config.sample_rate`` is its rate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path} (give a checkpoint or the released soundnet8.npz)")
-    model = import_soundnet8(path) if path.suffix.lower() == ".npz" else load_checkpoint(path)
-    return model.to(device).eval()
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> SoundNet:
+    """A SoundNet in eval mode from a released model's name (``"soundnet8"``) or a model file of any accepted format
+    (:func:`soundnet.student.checkpoint.load_checkpoint`); ``model.config.sample_rate`` is its rate."""
+    return load_checkpoint(resolve(model)).to(device).eval()
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,22 @@ def receptive_field(model: SoundNet, layer: str) -> ReceptiveField:
     return ReceptiveField(start, size, stride)
 
 
+def check_samples(audio: np.ndarray) -> None:
+    """Refuse float audio that cannot be a waveform in [-1, 1]: NaN or infinite samples, or a peak above
+    :data:`MAX_PEAK` (int16 samples cast to float without scaling give embeddings unrelated to the right ones)."""
+    if not np.isfinite(audio).all():
+        raise ValueError("audio contains NaN or infinite values")
+    peak = float(np.abs(audio).max())
+    if peak > MAX_PEAK:
+        raise ValueError(
+            f"audio peaks at {peak:g}, far outside [-1, 1]: int16 samples stored as floats? divide them by 32768 "
+            "(int32 samples by 2147483648)"
+        )
+
+
 def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) -> np.ndarray:
-    """Float32 mono audio at ``to_rate`` from numpy/torch ``[samples]`` or ``[channels, samples]`` in [-1, 1]."""
+    """Float32 mono audio at ``to_rate`` from numpy/torch ``[samples]`` or ``[channels, samples]`` in [-1, 1]
+    (checked by :func:`check_samples`)."""
     if isinstance(audio, torch.Tensor):  # float16/bfloat16 have no numpy twin: float32, as the network computes
         audio = (audio.detach().float() if audio.is_floating_point() else audio.detach()).cpu().numpy()
     audio = np.asarray(audio)
@@ -100,8 +113,7 @@ def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) ->
         )
     if audio.ndim not in (1, 2) or audio.shape[-1] == 0:
         raise ValueError(f"audio must be [samples] or [channels, samples] with samples > 0, got shape {audio.shape}")
-    if not np.isfinite(audio).all():
-        raise ValueError("audio contains NaN or infinite values")
+    check_samples(audio)
     if int(sample_rate) != sample_rate or sample_rate < 1:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     mono = audio.astype(np.float32, copy=False) if audio.ndim == 1 else audio.mean(axis=0, dtype=np.float32)

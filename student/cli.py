@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from soundnet.student.loss import KL_NORMS
-from soundnet.student.model import ARCHITECTURES
+from soundnet.student.model import ARCHITECTURES, SoundNet
 from soundnet.student.train import NonFiniteLoss, OutputError, TrainConfig, train
 
 
@@ -19,21 +19,49 @@ def main() -> None:
 
 
 @main.command("import-soundnet")
-@click.argument("npz", type=click.Path(exists=True, dir_okay=False))
+@click.argument("released", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
-def import_soundnet(npz: str, out: Path) -> None:
-    """Convert the released SoundNet8 weights (soundnet8.npz) into a checkpoint, checking every tensor's shape."""
+def import_soundnet(released: str, out: Path) -> None:
+    """Convert the released SoundNet8 weights (soundnet8.npz, or the sound8.npy the public ports publish) into a
+    checkpoint, checking every tensor's shape. sound8.npy is a pickle: only numpy arrays are let out of it."""
     from soundnet.student.checkpoint import save_checkpoint
     from soundnet.student.soundnet_import import import_soundnet8
 
     try:
-        model = import_soundnet8(npz)
-    except (KeyError, ValueError, OSError) as exc:
-        raise click.ClickException(f"{npz}: {exc}") from exc
-    save_checkpoint(out, model, source=str(npz))
+        model = import_soundnet8(released)
+        save_checkpoint(out, model, source=str(released))
+    except (ValueError, OSError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {out}: {_describe(model)}")
+
+
+@main.command("export")
+@click.argument("model")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FILE.safetensors to write; its config goes into its metadata and FILE.json beside it.",
+)
+def export(model: str, out: Path) -> None:
+    """Write MODEL as .safetensors with a JSON config (the format model hubs use). MODEL: a released model's name
+    (soundnet8) or a model file: a checkpoint (student train, import-soundnet), soundnet8.npz, sound8.npy."""
+    from soundnet.student.checkpoint import load_checkpoint, save_safetensors
+    from soundnet.weights import resolve
+
+    try:
+        source = resolve(model)
+        net = load_checkpoint(source)
+        config = save_safetensors(out, net, soundnet_source=Path(source).name)
+    except (ValueError, OSError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {out} and {config}: {_describe(net)}")
+
+
+def _describe(model: SoundNet) -> str:
     params = sum(p.numel() for p in model.parameters())
     heads = ", ".join(f"{name} ({n})" for name, n in model.config.heads.items())
-    click.echo(f"wrote {out}: {model.config.arch}, {params:,} parameters, heads {heads}")
+    return f"{model.config.arch}, {params:,} parameters, heads {heads}"
 
 
 _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`

@@ -26,6 +26,7 @@ from soundnet.api import CHUNK_SECONDS, DEFAULT_LAYER, embed_many, layer_width, 
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.contract import SAMPLE_RATE
 from soundnet.student.model import SoundNet
+from soundnet.weights import MODEL_HELP, RELEASES, resolve
 
 AUDIO_EXTENSIONS = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff", ".aifc", ".au",
@@ -148,12 +149,7 @@ def _with_nulls(vectors: pa.FixedSizeListArray, missing: pa.Array) -> pa.Array:
 
 @click.command("embed")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--checkpoint",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="A checkpoint (student train / import-soundnet) or the released soundnet8.npz.",
-)
+@click.option("--checkpoint", required=True, help=MODEL_HELP)
 @click.option("--layer", default=DEFAULT_LAYER, show_default=True, help="conv1..conv7, pool1/2/5 or a head.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write.")
 @click.option("--scene", is_flag=True, help="One vector per file: the mean over time.")
@@ -174,14 +170,15 @@ def embed_command(
     error (null unless the file could not be read). Unreadable files are rows with an error, never fatal.
     """
     try:
-        model = load_model(checkpoint, device)
+        model_file = resolve(checkpoint)
+        model = load_model(model_file, device)
         field = receptive_field(model, layer)
     except (ValueError, KeyError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     paths = list_inputs(inputs)
     width = layer_width(model, layer)
     metadata = {
-        "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint": checkpoint if checkpoint in RELEASES else os.path.abspath(checkpoint),
         "layer": layer,
         "arch": model.config.arch,
         "sample_rate": model.config.sample_rate,

@@ -1,8 +1,16 @@
-"""Import the released SoundNet8 weights (``soundnet8.npz``, layout of ../shared/data/soundnet8/README.md)."""
+"""Import the released SoundNet8 weights: ``soundnet8.npz`` or the ``sound8.npy`` the public ports publish (layout:
+../shared/data/soundnet8/README.md).
+
+``sound8.npy`` is a Python pickle. Unpickling runs whatever callables a pickle names, so a tampered copy could run
+any command on ``np.load(allow_pickle=True)``. :class:`NumpyOnlyUnpickler` admits the three callables that numpy
+arrays are rebuilt with and nothing else; dicts, lists and tuples are pickle opcodes, not callables.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -11,6 +19,103 @@ from soundnet.student.model import ModelConfig, SoundNet
 
 # npz head name -> our teacher name
 RELEASED_HEADS = {"conv8_objs": "imagenet", "conv8_scns": "places"}
+# sound8.npy layer name -> npz layer name; sound8.npy BN entry -> npz BN parameter
+SOUND8_HEADS = {"conv8": "conv8_objs", "conv8_2": "conv8_scns"}
+SOUND8_BN = {"gamma": "weight", "beta": "bias", "mean": "running_mean", "var": "running_var"}
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class UnsafePickle(ValueError):
+    """A pickle that names a callable other than the ones numpy arrays are rebuilt with: it was not run."""
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays in dicts, lists and tuples; refuses every other global before anything runs.
+
+    Both spellings of numpy's array rebuilder are admitted (``numpy.core`` before numpy 2, ``numpy._core`` since),
+    and they resolve to this numpy's own function rather than to an import of the named module.
+    """
+
+    _reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise UnsafePickle(f"it calls {module}.{name}, and only numpy arrays are admitted")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickle("it refers to persistent objects, and only numpy arrays are admitted")
+
+
+def npy_dtype(f: IO[bytes]) -> np.dtype:
+    """The dtype in a ``.npy`` header; ``f`` is left at the start of the data (a pickle for object arrays)."""
+    version = np.lib.format.read_magic(f)
+    if version not in NPY_HEADERS:
+        raise ValueError(f".npy format version {version} (sound8.npy is version 1.0)")
+    return NPY_HEADERS[version](f)[2]
+
+
+def read_pickled_npy(path: str | os.PathLike) -> Any:
+    """The object stored in a pickled ``.npy`` (``np.save`` of a dict), read with :class:`NumpyOnlyUnpickler`."""
+    with open(path, "rb") as f:
+        try:
+            dtype = npy_dtype(f)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if not dtype.hasobject:
+            raise ValueError(f"{path}: a plain {dtype} array, not the pickled weights of sound8.npy")
+        try:  # Python 2 pickles (sound8.npy is one) hold array bytes as str: latin1 keeps them byte for byte
+            array = NumpyOnlyUnpickler(f, encoding="latin1").load()
+        except UnsafePickle as exc:
+            raise UnsafePickle(f"{path}: refused to unpickle: {exc} (nothing in it was run)") from None
+        except Exception as exc:  # a truncated or corrupt pickle raises many types
+            raise ValueError(f"{path}: damaged pickle ({type(exc).__name__}: {exc})") from None
+    return array.item() if isinstance(array, np.ndarray) and array.shape == () else array
+
+
+def sound8_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of ``sound8.npy`` under the npz names and PyTorch layouts: TF ``[k, 1, in, out]`` conv weights
+    become ``[out, in, k]``; nothing is flipped or rescaled."""
+    layers = read_pickled_npy(path)
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(f"{path}: not the sound8.npy layout (a dict of layers, each a dict of arrays)")
+    arrays = {}
+    for layer, params in layers.items():
+        name = SOUND8_HEADS.get(layer, layer)
+        for param, value in params.items():
+            value = np.asarray(value)
+            if param == "weights":
+                if value.ndim != 4 or value.shape[1] != 1:
+                    raise ValueError(f"{path}: {layer}.weights has shape {value.shape}, expected [k, 1, in, out]")
+                arrays[f"{name}.weight"] = value[:, 0].transpose(2, 1, 0)
+            elif param == "biases":
+                arrays[f"{name}.bias"] = value
+            elif param in SOUND8_BN and layer.startswith("conv"):
+                arrays[f"bn{layer[4:]}.{SOUND8_BN[param]}"] = value
+            else:
+                raise ValueError(f"{path}: unexpected entry {layer}.{param} in sound8.npy")
+    return arrays
+
+
+def released_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The released tensors under their npz names, from ``soundnet8.npz`` or ``sound8.npy`` (told apart by content)."""
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head.startswith(ZIP_MAGIC):
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    if head == NPY_MAGIC:
+        return sound8_arrays(path)
+    raise ValueError(f"{path}: neither soundnet8.npz nor sound8.npy")
 
 
 def _npz_to_ours(name: str) -> str:
@@ -18,17 +123,18 @@ def _npz_to_ours(name: str) -> str:
     layer, _, param = name.partition(".")
     if layer in RELEASED_HEADS:
         return f"heads.{RELEASED_HEADS[layer]}.{param}"
-    if layer.startswith("conv"):
-        return f"blocks.{layer}.0.{param}"
     if layer.startswith("bn"):
         return f"blocks.conv{layer[2:]}.1.{param}"
-    raise KeyError(f"unexpected tensor {name!r} in released weights")
+    return f"blocks.{layer}.0.{param}"
 
 
-def import_soundnet8(npz_path: str | os.PathLike) -> SoundNet:
-    """Build a SoundNet8 with the released weights; every tensor's name and shape is checked."""
-    with np.load(npz_path) as npz:
-        arrays = {name: npz[name] for name in npz.files}
+def import_soundnet8(path: str | os.PathLike) -> SoundNet:
+    """Build a SoundNet8 with the released weights (``soundnet8.npz`` or ``sound8.npy``); every tensor's name and
+    shape is checked."""
+    arrays = released_arrays(path)
+    absent = [f"{theirs}.bias" for theirs in RELEASED_HEADS if f"{theirs}.bias" not in arrays]
+    if absent:
+        raise ValueError(f"{path}: released weights lack {absent}")
     heads = {ours: int(arrays[f"{theirs}.bias"].shape[0]) for theirs, ours in RELEASED_HEADS.items()}
     model = SoundNet(ModelConfig(arch="soundnet8", heads=heads))
     expected = model.state_dict()
@@ -36,15 +142,17 @@ def import_soundnet8(npz_path: str | os.PathLike) -> SoundNet:
     for name, array in arrays.items():
         key = _npz_to_ours(name)
         if key not in expected:
-            raise KeyError(f"released tensor {name!r} maps to {key!r}, which SoundNet8 does not have")
+            raise ValueError(f"{path}: released tensor {name!r} maps to {key!r}, which SoundNet8 does not have")
         if tuple(array.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{name}: shape {tuple(array.shape)} but SoundNet8 expects {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(array.shape)} but SoundNet8 expects {tuple(expected[key].shape)}"
+            )
         state[key] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     for key, tensor in expected.items():  # BN counters are not in the release
         if key.endswith("num_batches_tracked"):
             state.setdefault(key, torch.zeros_like(tensor))
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise KeyError(f"released weights lack {missing}")
+        raise ValueError(f"{path}: released weights lack {missing}")
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -3,6 +3,7 @@ count and length, tiling of short clips, chunked passes equal to one pass, recep
 
 from __future__ import annotations
 
+import warnings
 import wave
 
 import numpy as np
@@ -169,3 +170,28 @@ def test_bad_audio_gets_a_clear_error(model, clip):
         soundnet.embed(model, clip, 0)
     with pytest.raises(ValueError, match="unknown layer 'pool9'"):
         soundnet.embed(model, clip, SAMPLE_RATE, layer="pool9")
+
+
+def test_float_audio_at_int16_scale_is_refused_with_the_fix(model, clip):
+    """The commonest mistake with audio readers: int16 samples cast to float without dividing by 32768. Without the
+    check it gives embeddings unrelated to the right ones; audio within range, even hot, passes without a word."""
+    int16_scale = np.round(clip * 32768).astype(np.float32)  # what int16_samples.astype(np.float32) gives
+    for audio in (int16_scale, torch.from_numpy(int16_scale), np.stack([int16_scale, int16_scale])):
+        with pytest.raises(ValueError, match=r"peaks at \d+, far outside \[-1, 1\].*divide them by 32768"):
+            soundnet.embed(model, audio, SAMPLE_RATE)
+    with pytest.raises(ValueError, match="divide them by 32768"):
+        soundnet.embed(model, resample(int16_scale, SAMPLE_RATE, 44100), 44100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hot = clip * (1.9 / np.abs(clip).max())  # a clipped float recording may pass 1 a little
+        for audio in (clip, hot):
+            embeddings, _ = soundnet.embed(model, audio, SAMPLE_RATE)
+            assert embeddings.shape == (13, 256) and np.all(np.isfinite(embeddings))
+
+
+def test_load_model_by_name_gives_the_released_weights(released_home, soundnet8_npz, monkeypatch):
+    monkeypatch.setenv("SOUNDNET_HOME", str(released_home))
+    by_name = soundnet.load_model("soundnet8")
+    reference = soundnet.load_model(soundnet8_npz).state_dict()
+    assert not by_name.training and by_name.config.heads == {"imagenet": 1000, "places": 401}
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in by_name.state_dict().items())

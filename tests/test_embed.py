@@ -91,7 +91,7 @@ def test_bad_checkpoint_and_layer_are_clear_errors(esc50_dir, soundnet8_npz, tmp
     fake.write_text("not a checkpoint")
     runner = CliRunner()
     result = runner.invoke(main, ["embed", clip, "--checkpoint", str(fake), "--out", str(tmp_path / "x.parquet")])
-    assert result.exit_code == 1 and "is not a readable checkpoint" in result.output
+    assert result.exit_code == 1 and "is not a SoundNet model file" in result.output
     result = runner.invoke(
         main, ["embed", clip, "--checkpoint", str(soundnet8_npz), "--layer", "pool9", "--out", str(tmp_path / "x")]
     )
