@@ -3,8 +3,10 @@ count and length, tiling of short clips, chunked passes equal to one pass, recep
 
 from __future__ import annotations
 
+import re
 import warnings
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +197,16 @@ def test_load_model_by_name_gives_the_released_weights(released_home, soundnet8_
     reference = soundnet.load_model(soundnet8_npz).state_dict()
     assert not by_name.training and by_name.config.heads == {"imagenet": 1000, "places": 401}
     assert all(torch.equal(tensor, reference[key]) for key, tensor in by_name.state_dict().items())
+
+
+def test_the_readme_python_example_runs_as_written(released_home, monkeypatch, capsys):
+    """The first block of the README's "Use the features", exactly as written, from the repository root (the
+    released weights by name come from a prepared cache: tests do not reach the internet)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme.split("## Use the features")[1], re.S)[0]
+    assert 'soundnet.load_model("soundnet8")' in block
+    monkeypatch.setenv("SOUNDNET_HOME", str(released_home))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    exec(compile(block, "README.md", "exec"), {})
+    expected = block.strip().splitlines()[-1].split("# ")[-1]
+    assert capsys.readouterr().out.strip() == expected == "(13, 256) float32 [0.104 0.475 0.847]"
