@@ -26,7 +26,7 @@ from soundnet.api import CHUNK_SECONDS, DEFAULT_LAYER, embed_many, layer_width, 
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.contract import SAMPLE_RATE
 from soundnet.student.model import SoundNet
-from soundnet.weights import MODEL_HELP, RELEASES, resolve
+from soundnet.weights import MODEL_HELP, resolve
 
 AUDIO_EXTENSIONS = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff", ".aifc", ".au",
@@ -178,7 +178,7 @@ def embed_command(
     paths = list_inputs(inputs)
     width = layer_width(model, layer)
     metadata = {
-        "checkpoint": checkpoint if checkpoint in RELEASES else os.path.abspath(checkpoint),
+        "checkpoint": os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint,  # a path or a name
         "layer": layer,
         "arch": model.config.arch,
         "sample_rate": model.config.sample_rate,
