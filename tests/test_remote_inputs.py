@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from tests.conftest import shared_path
 from tests.loopback_servers import s3_env, s3_filesystem, s3_server, statuses, video_server
 from tests.test_ingest import ledgers, teacher_args
 
+DOCS_SCALE = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
 VIDEOS = ("moviepy_chaplin.mp4", "imageio_realshort.mp4")
 BUCKET = "soundnet-inputs"
 FLAKY = [(503, {"Retry-After": "0"})] * 2  # every video's first two requests
@@ -183,3 +185,32 @@ def test_s3_object_errors_are_rows(s3_here) -> None:
         pass
     assert err.value.reason == "not_media"
     assert s3_here["AWS_SECRET_ACCESS_KEY"] not in err.value.message  # credentials never appear in a message
+
+
+def test_publishing_recipe_of_docs_scale(remote_run, s3_here) -> None:
+    """docs/scale.md's fsspec block, as written there but for the run folder and bucket: a finished run's shards,
+    stats, ledgers, run.json and summary.json are uploaded; claims/ and parts/ are not."""
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", DOCS_SCALE.read_text(), re.S) if "fs.put_file" in b]
+    out = remote_run["out"]
+    (out / "claims").mkdir(exist_ok=True)  # as a run that was joined leaves it
+    exec(
+        block.replace("s3://BUCKET/runs/shards", f"s3://{BUCKET}/published").replace('"runs/shards"', repr(str(out))),
+        {},
+    )
+    fs = s3_filesystem(s3_here)
+    uploaded = sorted(Path(key).name for key in fs.find(f"{BUCKET}/published"))
+    expected = ["failures.parquet", "index.parquet", "run.json", "shard-000000.tar", "shard-000000_stats.json",
+                "summary.json"]  # fmt: skip
+    assert uploaded == expected
+    assert fs.cat_file(f"{BUCKET}/published/index.parquet") == (out / "index.parquet").read_bytes()
+
+
+def test_out_must_be_a_folder_not_a_url(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from soundnet.ingest.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--videos", str(tmp_path), "--out", "s3://bucket/run"])
+    assert result.exit_code == 2
+    assert "Invalid value for --out: must be a folder" in result.output and "docs/scale.md" in result.output
+    assert not Path("s3:").exists()  # no folder named after the URL
