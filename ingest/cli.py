@@ -13,7 +13,8 @@ import click
 
 from soundnet.ingest.claims import CLAIM_TIMEOUT_S
 from soundnet.ingest.frames import MAX_FRAMES, MIN_SECONDS, SEEK_MODES, SLOT_INTERVAL_S
-from soundnet.media import URL_RETRIES, URL_TIMEOUT_S
+from soundnet.ingest.ray_auth import RAY_TIMEOUT_S
+from soundnet.media import MAX_DOWNLOAD_MB, URL_RETRIES, URL_TIMEOUT_S, is_remote
 
 DEFAULT_TEACHERS = ("imagenet=resnet50:IMAGENET1K_V2",)
 
@@ -37,7 +38,7 @@ def main() -> None:
     "--videos",
     required=True,
     help="One video file, a folder (searched recursively), a text file of paths/URLs, "
-    "or a CSV/Parquet file with a 'path' column (optional 'id').",
+    "or a CSV/Parquet file with a 'path' column (optional 'id'); the list or folder may be at a URL (s3://...).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder for shards and ledgers.")
 @click.option(
@@ -66,6 +67,13 @@ def main() -> None:
     "--ray-address",
     metavar="ADDR",
     help="With --engine ray: the cluster to join (host:port, or 'auto'); default: start a Ray on this machine.",
+)
+@click.option(
+    "--ray-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=RAY_TIMEOUT_S,
+    show_default=True,
+    help="With --ray-address: seconds to wait for the cluster to answer before giving up.",
 )
 @click.option(
     "--ray-teachers",
@@ -139,6 +147,14 @@ def main() -> None:
     show_default=True,
     help="Seconds an http(s) server may take to connect or to send more data.",
 )
+@click.option(
+    "--max-download-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=MAX_DOWNLOAD_MB,
+    show_default=True,
+    help="An http(s) video from a server without byte ranges is downloaded to a temporary file (in $TMPDIR, "
+    "removed after decoding), if no larger than this; servers with ranges are streamed.",
+)
 def run(
     videos,
     out,
@@ -146,6 +162,7 @@ def run(
     workers,
     engine,
     ray_address,
+    ray_timeout,
     ray_teachers,
     resume,
     claim_timeout,
@@ -160,6 +177,7 @@ def run(
     batch_frames,
     url_retries,
     url_timeout,
+    max_download_mb,
 ) -> None:
     """Decode videos, label their frames with the teachers, write shards + index/failure ledgers.
 
@@ -176,6 +194,12 @@ def run(
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if engine != "ray" and (ray_address or ray_teachers):
         raise click.UsageError("--ray-address and --ray-teachers need --engine ray")
+    if is_remote(out):
+        raise click.BadParameter(
+            "must be a folder (local, or a filesystem every node mounts), not a URL: write the run there, then "
+            "publish the finished shards (docs/scale.md, 'Publishing shards to object storage')",
+            param_hint="--out",
+        )
     if device == "auto" and engine == "local":  # on Ray, the cluster's GPUs decide
         import torch
 
@@ -189,7 +213,7 @@ def run(
             min_seconds=min_seconds,
             keep_silent=keep_silent,
             samples_per_shard=samples_per_shard,
-            url=UrlPolicy(retries=url_retries, timeout_s=url_timeout),
+            url=UrlPolicy(retries=url_retries, timeout_s=url_timeout, max_download_mb=max_download_mb),
         )
     except ValueError as exc:  # the clip layout names what is wrong
         raise click.UsageError(f"--frame-interval/--max-frames: {exc}") from exc
@@ -207,6 +231,7 @@ def run(
             ray_address,
             ray_teachers,
             claim_timeout,
+            ray_timeout_s=ray_timeout,
         )
     except (InputListError, RunError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

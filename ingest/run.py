@@ -29,6 +29,7 @@ from soundnet.ingest.config import IngestConfig, ShardTask, make_tasks
 from soundnet.ingest.engine import Engine, Progress, Work
 from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import read_video_list
+from soundnet.ingest.ray_auth import RAY_TIMEOUT_S
 from soundnet.ingest.stats import TaskStats, run_summary
 from soundnet.shards.contract import ClipLayout
 from soundnet.shards.ledger import RunLayout
@@ -203,6 +204,7 @@ def _engine(
     workers: int,
     ray_address: str | None,
     ray_teachers: int | None,
+    ray_timeout_s: float,
 ) -> Engine:
     if name == "local":
         from soundnet.ingest.local import LocalEngine
@@ -220,7 +222,7 @@ def _engine(
         if exc.name != "ray":
             raise
         raise RunError(f"--engine ray needs Ray ({exc}): pip install 'soundnet-distill[ray]'") from exc
-    return RayEngine(specs, device, batch_frames, workers, ray_address, ray_teachers)
+    return RayEngine(specs, device, batch_frames, workers, ray_address, ray_teachers, ray_timeout_s)
 
 
 def run_ingest(
@@ -237,11 +239,13 @@ def run_ingest(
     ray_teachers: int | None = None,
     claim_timeout_s: float = CLAIM_TIMEOUT_S,
     progress: Progress | None = None,
+    ray_timeout_s: float = RAY_TIMEOUT_S,
 ) -> RunSummary:
     """Run stage one; returns counts. Failures of single inputs are data (the ledger), not exceptions.
 
     ``engine`` "ray" runs on the Ray cluster at ``ray_address`` (default: a Ray started on this machine), with
-    ``ray_teachers`` teacher actors (default: one per GPU). Weights files are checked here unless they are only
+    ``ray_teachers`` teacher actors (default: one per GPU); a cluster that does not answer within ``ray_timeout_s``
+    is a RunError. Weights files are checked here unless they are only
     needed on the machines of a cluster joined by address. The teachers are loaded before ``run.json`` is
     written, so weights that fail to load leave nothing that blocks the corrected rerun. ``progress`` is told
     about every input and task as it is recorded (default: a :class:`ProgressBar` on stderr).
@@ -254,7 +258,7 @@ def run_ingest(
     layout = RunLayout(out)
     _check_writable(layout.out_dir)
     _refuse_existing(layout, resume)
-    runner = _engine(engine, specs, device, batch_frames, workers, ray_address, ray_teachers)
+    runner = _engine(engine, specs, device, batch_frames, workers, ray_address, ray_teachers, ray_timeout_s)
     try:
         config = dataclasses.replace(config, short_side=runner.start())  # the size the teachers want
         with _disk_errors(layout.out_dir):

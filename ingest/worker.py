@@ -21,8 +21,8 @@ from soundnet.media import DecodeError
 
 # which part of the work a decoding failure belongs to (the ledger's `stage` column)
 _OPEN_REASONS = {
-    "not_found", "empty", "io_error", "http_error", "timeout", "connection_failed", "not_media", "damaged",
-    "open_failed", "bad_metadata",
+    "not_found", "empty", "io_error", "http_error", "timeout", "connection_failed", "too_large", "access_denied",
+    "not_media", "damaged", "open_failed", "bad_metadata",
 }  # fmt: skip
 _AUDIO_REASONS = {"no_audio", "silent", "audio_decode_failed", "no_audio_samples"}
 _VIDEO_REASONS = {"no_video", "too_short", "video_decode_failed", "video_truncated", "seek_failed"}
