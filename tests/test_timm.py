@@ -33,7 +33,7 @@ from soundnet.teachers import load_teacher, parse_spec
 from tests.conftest import shared_path
 from tests.test_ingest import teacher_args
 from tests.test_teachers import frame_at, needs_data
-from tests.test_train import read_metrics, state_dicts_equal, student_train
+from tests.test_train import as_torch, hand_kl, read_metrics, small_heads, state_dicts_equal, student_train
 
 timm = pytest.importorskip("timm", reason="timm teachers need the timm extra: pip install -e '.[timm]'")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -291,6 +291,23 @@ def test_the_default_cosine_weight_pulls_on_the_shared_layers_as_hard_as_the_kl_
         norms[part] = norms[part].norm().item()
     assert 0.9 < terms["clip"].item() < 1.1  # a fresh head points anywhere: 1 - cos is about 1
     assert 0.2 < norms["cos"] / norms["kl"] < 5, norms
+
+
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides")
+def test_loss_is_250_mean_kl_plus_the_weighted_mean_cosine_distance_over_batch_and_steps() -> None:
+    logits, targets = small_heads()
+    rng = np.random.default_rng(1)
+    z, t = rng.normal(size=(2, 6, 4)), rng.normal(size=(2, 6, 4))
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    cos = (z * t).sum(axis=1) / np.linalg.norm(z, axis=1)  # [batch, steps]
+    outputs, teacher = as_torch({**logits, "clip": z}), as_torch({**targets, "clip": t})
+    loss, terms = distill_loss(outputs, teacher, kinds={"clip": "embedding"}, cosine_weight=0.5)
+    kl = [hand_kl(logits[n], targets[n]).mean() for n in ("imagenet", "places")]
+    assert list(terms) == ["imagenet", "places", "clip"]
+    assert terms["clip"].item() == pytest.approx((1 - cos).mean(), rel=1e-5)
+    assert loss.item() == pytest.approx(250 * np.mean(kl) + 0.5 * (1 - cos).mean(), rel=1e-5)
+    aligned, _ = distill_loss(as_torch({"clip": 3 * t}), as_torch({"clip": t}), kinds={"clip": "embedding"})
+    assert aligned.item() == pytest.approx(0, abs=1e-6)  # the teacher's direction, at any length, costs nothing
 
 
 # ---- old checkpoints -----------------------------------------------------------------------------------------
