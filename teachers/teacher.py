@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import WeightsEnum
 
-from soundnet.shards.schema import EMBEDDING, POSTERIOR, TEACHER_NAME_RE, WIDTH_KEYS
+from soundnet.shards.schema import EMBEDDING, POSTERIOR, TEACHER_NAME_RE
 from soundnet.teachers import registry, timm_teacher
 from soundnet.teachers.preprocess import Frames, Preprocessing, as_frame_list
 from soundnet.teachers.registry import LoadedModel
@@ -123,7 +123,7 @@ class Teacher:
         }
         if self.kind == POSTERIOR:
             meta |= {
-                WIDTH_KEYS[POSTERIOR]: self.dim,
+                "classes": self.dim,  # the shard schema's name for a posterior's width
                 "num_classes": self.dim,
                 "class_source": self._loaded.class_source,
                 "classes_sha256": hashlib.sha256("\n".join(self.classes).encode()).hexdigest(),
