@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from soundnet.shards.ledger import RunLayout
-from soundnet.shards.schema import decode_sample
+from soundnet.shards.schema import decode_sample, teacher_kind
 from soundnet.shards.verify import not_a_run_message, run_ledger, shard_samples, verify_run
 
 
@@ -90,9 +90,15 @@ def info(run_dir: Path) -> None:
         click.echo("teachers:")
         click.echo(
             _rows(
-                [("name", "classes", "arch", "weights")]
+                [("name", "classes/dim", "kind", "arch", "weights")]
                 + [
-                    (name, str(t.get("classes")), str(t.get("arch")), str(t.get("weights")))
+                    (
+                        name,
+                        str(t.get("classes", t.get("dim"))),
+                        str(teacher_kind(t)),
+                        str(t.get("arch")),
+                        str(t.get("weights")),
+                    )
                     for name, t in sorted(teachers.items())
                 ]
             )

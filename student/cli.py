@@ -92,6 +92,13 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     "--kl-weight", type=float, default=_TRAIN.kl_weight, show_default=True, help="Loss = weight x mean KL (lambda)."
 )
 @click.option(
+    "--cosine-weight",
+    type=click.FloatRange(min=0),
+    default=_TRAIN.cosine_weight,
+    show_default=True,
+    help="Loss += weight x mean (1 - cos) over embedding teachers' heads (timm-embed teachers).",
+)
+@click.option(
     "--kl-norm",
     type=click.Choice(KL_NORMS),
     default=_TRAIN.kl_norm,

@@ -9,8 +9,9 @@ shards keep their complete samples; the damage is counted once.
 
 **Frames to output steps.** SoundNet8 gives one output step per 5 s of a 20 s clip. A layout whose slots divide
 the step (2.5 s: two frames per step) is trained on the mean of the step's teacher distributions, i.e.
-``logsumexp(rows) - log m`` back in log-probs; a layout whose slots are a whole multiple of it (10 s) repeats
-each frame's row for the steps it covers. Anything else, or another sample rate or audio scale, is refused at
+``logsumexp(rows) - log m`` back in log-probs (for an embedding teacher: the mean of the step's unit rows,
+renormalised); a layout whose slots are a whole multiple of it (10 s) repeats each frame's row for the steps it
+covers. Anything else, or another sample rate or audio scale, is refused at
 start (:func:`align`). A clip shorter than the training clip is cut to whole steps and tiled (the paper's rule).
 
 **Exact, resumable order.** The batch of step ``s`` is a pure function of ``(seed, s)``: clip ``p`` of the run
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from soundnet.shards.contract import AUDIO_DTYPE, AUDIO_SCALE, DEFAULT_LAYOUT, ClipLayout
 from soundnet.shards.reader import SampleSpan, read_raw, scan_shard
-from soundnet.shards.schema import Sample, decode_sample
+from soundnet.shards.schema import EMBEDDING, POSTERIOR, Sample, decode_sample, teacher_kind, teacher_width
 from soundnet.student.model import SoundNet
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ class Alignment:
     pool: int = 1
     repeat: int = 1
 
-    def rows(self, r: np.ndarray) -> np.ndarray:
-        """One float32 log-prob row per covered step, at most ``steps``, from a teacher's ``[F, C]`` frames."""
+    def rows(self, r: np.ndarray, kind: str = POSTERIOR) -> np.ndarray:
+        """One float32 row per covered step, at most ``steps``, from a teacher's ``[F, C]`` frames: pooled frames
+        are the mean distribution (log-probs) or the mean direction (unit embeddings)."""
         r = r.astype(np.float32)
         if self.repeat > 1:
             return np.repeat(r, self.repeat, axis=0)[: self.steps]
@@ -84,6 +86,8 @@ class Alignment:
             return r[: self.steps]
         k = max(1, min(self.steps, r.shape[0] // self.pool))
         groups = [r[t * self.pool : (t + 1) * self.pool] for t in range(k)]
+        if kind == EMBEDDING:
+            return np.stack([_unit(g.mean(axis=0)) for g in groups])
         return np.stack([_logsumexp(g) - math.log(len(g)) for g in groups])
 
 
@@ -120,11 +124,13 @@ def model_alignment(model: SoundNet, layout: ClipLayout, where: str) -> Alignmen
     return align(layout, steps, CLIP_SAMPLES // steps, model.config.sample_rate, where)
 
 
-def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) -> dict[str, Any]:
+def make_example(
+    sample: Sample, heads: dict[str, int], alignment: Alignment, kinds: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A training example ``{"key", "audio": int16 [CLIP_SAMPLES], "targets": {head: float16 [steps, C]}}``.
 
-    Raises ValueError saying what is wrong when the sample cannot train ``heads`` (teachers the heads do not name
-    are ignored) or records another layout than its shard.
+    ``kinds`` names each head's kind (default: posterior). Raises ValueError saying what is wrong when the sample
+    cannot train ``heads`` (teachers the heads do not name are ignored) or records another layout than its shard.
     """
     audio = sample.audio
     if audio.dtype != np.int16 or audio.ndim != 1 or audio.size == 0:
@@ -143,7 +149,7 @@ def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) ->
     if len({r.shape[0] for r in rows.values()}) > 1:
         raise ValueError(f"teachers disagree on the number of frames: { {n: r.shape[0] for n, r in rows.items()} }")
     check_frames(next(iter(rows.values())).shape[0], sample.meta.get("duration_s"), alignment.layout)
-    stepped = {name: alignment.rows(r) for name, r in rows.items()}
+    stepped = {name: alignment.rows(r, (kinds or {}).get(name, POSTERIOR)) for name, r in rows.items()}
     audio, targets = tile_clip(audio, stepped, alignment.steps, alignment.step_samples)
     targets = {name: r.astype(np.float16) for name, r in targets.items()}
     return {"key": sample.key, "audio": audio, "targets": targets}
@@ -176,6 +182,7 @@ class ShardSet:
     layout: ClipLayout
     damaged: dict[str, str] = field(default_factory=dict)  # url -> what is wrong; complete samples are kept
     excluded: dict[str, str] = field(default_factory=dict)  # url -> why it was left out
+    kinds: dict[str, str] = field(default_factory=dict)  # head -> posterior | embedding, for every head
 
     def __post_init__(self) -> None:
         self.offsets = np.cumsum([0] + [len(s) for s in self.spans])
@@ -194,10 +201,11 @@ def scan_shards(
     heads: dict[str, int] | None = None,
     layout: ClipLayout | None = None,
     exclude_mismatched: bool = False,
+    kinds: dict[str, str] | None = None,
 ) -> ShardSet:
-    """Index ``urls`` and check they share one teacher set (``heads`` if given, else the one all shards name)
-    and one clip layout; raises ValueError naming the shards that disagree and the way out."""
-    found: dict[str, tuple[list[SampleSpan], dict[str, int], ClipLayout]] = {}
+    """Index ``urls`` and check they share one teacher set (``heads`` and ``kinds`` if given, else the one all
+    shards name) and one clip layout; raises ValueError naming the shards that disagree and the way out."""
+    found: dict[str, tuple[list[SampleSpan], dict[str, int], ClipLayout, dict[str, str]]] = {}
     damaged: dict[str, str] = {}
     for url in urls:
         index = scan_shard(url)
@@ -205,7 +213,7 @@ def scan_shards(
             damaged[url] = index.damage
         if index.samples:
             try:
-                heads_found, layout_found, frames, duration_s = _header(index.first_meta)
+                heads_found, layout_found, frames, duration_s, kinds_found = _header(index.first_meta)
             except ValueError as exn:
                 damaged[url] = f"{exn}; the shard is skipped"
                 continue
@@ -213,21 +221,28 @@ def scan_shards(
                 check_frames(frames, duration_s, layout_found)
             except ValueError as exn:
                 raise ValueError(f"{url}: its first sample's {exn}; {FIX}") from exn
-            found[url] = (index.samples, heads_found, layout_found)
+            found[url] = (index.samples, heads_found, layout_found, kinds_found)
     if not found:
         raise ValueError(f"none of the {len(urls)} shard(s) holds a readable sample: {_named(damaged)}")
-    sets = _group(found, lambda v: json.dumps(v[1], sort_keys=True))
-    wanted = json.dumps(heads, sort_keys=True) if heads is not None else max(sets, key=lambda s: len(sets[s]))
-    excluded = {url: f"teachers {_teachers(found[url][1])}" for s, us in sets.items() if s != wanted for url in us}
+    sets = _group(found, lambda v: _teacher_set(v[1], v[3]))
+    wanted = _teacher_set(heads, kinds or {}) if heads is not None else max(sets, key=lambda s: len(sets[s]))
+    excluded = {
+        url: f"teachers {_teachers(found[url][1], found[url][3])}"
+        for s, us in sets.items()
+        if s != wanted
+        for url in us
+    }
     if excluded and not exclude_mismatched:
-        listing = "; ".join(f"{_teachers(json.loads(s))} in {_named(us)}" for s, us in sets.items())
+        listing = "; ".join(f"{_teachers(*json.loads(s))} in {_named(us)}" for s, us in sets.items())
         raise ValueError(
             f"the shards do not share one teacher set: {listing}. Train on one set: pass only matching shards, "
-            f"or --exclude-mismatched to leave out all but {_teachers(json.loads(wanted))}"
+            f"or --exclude-mismatched to leave out all but {_teachers(*json.loads(wanted))}"
         )
     kept = {url: v for url, v in found.items() if url not in excluded}
     if not kept:
-        raise ValueError(f"no shard has the student's teachers {_teachers(heads or {})}: {_named(excluded)}")
+        raise ValueError(
+            f"no shard has the student's teachers {_teachers(heads or {}, kinds or {})}: {_named(excluded)}"
+        )
     _check_one_layout(_group(kept, lambda v: v[2]), layout)
     first = next(iter(kept.values()))
     return ShardSet(
@@ -237,6 +252,7 @@ def scan_shards(
         layout=first[2],
         damaged=damaged,
         excluded=excluded,
+        kinds=first[3],
     )
 
 
@@ -256,20 +272,21 @@ def _check_one_layout(layouts: dict[ClipLayout, list[str]], wanted: ClipLayout |
         )
 
 
-def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout, int, Any]:
-    """The teachers with class counts, the clip layout, the frame count and the duration a shard's first sample
-    records."""
+def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout, int, Any, dict[str, str]]:
+    """The teachers with their widths, the clip layout, the frame count, the duration and the teachers' kinds a
+    shard's first sample records."""
     try:
         meta = json.loads(meta_bytes) if meta_bytes is not None else None
         teachers = meta["teachers"]
-        heads = {str(name): int(info["classes"]) for name, info in teachers.items()}
+        heads = {str(name): teacher_width(info) for name, info in teachers.items()}
+        kinds = {str(name): teacher_kind(info) for name, info in teachers.items()}
         layout = ClipLayout.from_json(meta.get("layout"))
         frames = len(meta["frame_times_s"])
     except (TypeError, KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exn:
         raise ValueError(f"its first sample has no readable teachers and layout in its json ({exn!r})") from exn
     if not heads:
         raise ValueError("its first sample names no teachers")
-    return heads, layout, frames, meta.get("duration_s")
+    return heads, layout, frames, meta.get("duration_s"), kinds
 
 
 def _group(found: dict[str, Any], signature) -> dict[Any, list[str]]:
@@ -285,8 +302,14 @@ def _named(urls: Any, most: int = 5) -> str:
     return f"{len(urls)} shard(s) " + ", ".join(urls[:most]) + more
 
 
-def _teachers(heads: dict[str, int]) -> str:
-    return "{" + ", ".join(f"{n} {c}" for n, c in heads.items()) + "}"
+def _teacher_set(heads: dict[str, int], kinds: dict[str, str]) -> str:
+    """What shards must share: each teacher's width and kind (posterior where none is recorded)."""
+    return json.dumps([heads, {n: kinds.get(n, POSTERIOR) for n in heads}], sort_keys=True)
+
+
+def _teachers(heads: dict[str, int], kinds: dict[str, str] | None = None) -> str:
+    named = [f"{n} {c}-d embedding" if (kinds or {}).get(n) == EMBEDDING else f"{n} {c}" for n, c in heads.items()]
+    return "{" + ", ".join(named) + "}"
 
 
 def _describe(layout: ClipLayout) -> str:
@@ -299,6 +322,10 @@ def _describe(layout: ClipLayout) -> str:
 def _logsumexp(rows: np.ndarray) -> np.ndarray:
     top = rows.max(axis=0)
     return top + np.log(np.exp(rows - top).sum(axis=0))
+
+
+def _unit(row: np.ndarray) -> np.ndarray:
+    return row / max(float(np.linalg.norm(row)), 1e-12)
 
 
 # ---- reading clips ---------------------------------------------------------------------------------------------
@@ -316,7 +343,9 @@ class Clips(Dataset):
         """Sample ``index`` as a training example; ValueError names the shard and key when it is broken."""
         url, span = self.shards.locate(index)
         try:
-            return make_example(decode_sample(read_raw(url, span)), self.shards.heads, self.alignment)
+            return make_example(
+                decode_sample(read_raw(url, span)), self.shards.heads, self.alignment, self.shards.kinds
+            )
         except (ValueError, OSError) as exn:
             raise ValueError(f"{url}:{span.key}: {exn}") from exn
 

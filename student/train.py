@@ -35,10 +35,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.reader import expand_shards
+from soundnet.shards.schema import EMBEDDING
 from soundnet.student.checkpoint import OutputError, read_checkpoint, save_checkpoint, writing
 from soundnet.student.data import Clips, HeldOut, ShardSet, make_loader, model_alignment, scan_shards, to_device
 from soundnet.student.distributed import Dist, all_sum, gather_digests, gather_objects, init_distributed, shutdown
-from soundnet.student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
+from soundnet.student.loss import COSINE_WEIGHT, KL_WEIGHT, cosine_agreement, distill_loss, kl_terms, top1_agreement
 from soundnet.student.model import ModelConfig, SoundNet, build_model
 from soundnet.student.plots import write_loss_curves
 
@@ -59,6 +60,7 @@ class TrainConfig:
     lr: float = 1e-3
     beta1: float = 0.9
     kl_weight: float = KL_WEIGHT
+    cosine_weight: float = COSINE_WEIGHT  # of the mean cosine distance over embedding heads
     kl_norm: str = "mean"  # "mean" (the paper) or "sample" (see student.loss.KL_NORMS)
     temperature: float = 1.0
     workers: int = 4  # DataLoader workers per rank
@@ -101,11 +103,14 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
         clips, cfg.batch_size, seed=cfg.seed, start=start, steps=cfg.steps, workers=cfg.workers,
         rank=where.rank, world_size=where.world_size, pin_memory=where.device.type == "cuda",
     )  # fmt: skip
-    window = Window(cfg, where, shards.heads, broken, last_saved=start if start else None, data=_data_id(cfg, shards))
+    window = Window(cfg, where, shards.kinds, broken, last_saved=start if start else None, data=_data_id(cfg, shards))
     metrics = _open_metrics(out / "metrics.jsonl", keep_until=start) if where.is_main else None
     _announce(cfg, model, shards, where, amp, start, say)
 
-    loss_fn = dict(weight=cfg.kl_weight, norm=cfg.kl_norm, temperature=cfg.temperature)
+    loss_fn = dict(
+        kinds=shards.kinds, weight=cfg.kl_weight, cosine_weight=cfg.cosine_weight, norm=cfg.kl_norm,
+        temperature=cfg.temperature,
+    )  # fmt: skip
     batches = iter(loader)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (where.is_main and sys.stderr.isatty()))
     with bar, logging_redirect_tqdm():
@@ -161,7 +166,7 @@ def _scan(cfg: TrainConfig, warn) -> tuple[ShardSet, ShardSet | None]:
     if cfg.val_shards:
         held_out = scan_shards(
             expand_shards(cfg.val_shards), heads=shards.heads, layout=shards.layout,
-            exclude_mismatched=cfg.exclude_mismatched,
+            exclude_mismatched=cfg.exclude_mismatched, kinds=shards.kinds,
         )  # fmt: skip
     for found in (shards, held_out):
         for url, why in (found.excluded if found else {}).items():
@@ -176,7 +181,7 @@ def _build(
 ) -> tuple[SoundNet, Clips, HeldOut | None]:
     """The model (the same initial weights on every rank: seeded) and its clips, aligned to its output steps."""
     torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(cfg.arch, shards.heads))
+    model = build_model(ModelConfig(cfg.arch, shards.heads, head_kinds=shards.kinds))
     alignment = model_alignment(model, shards.layout, shards.urls[0])
     if alignment.pool > 1 or alignment.repeat > 1:
         log.info(
@@ -199,11 +204,11 @@ def _resume(
     if found is None:
         return 0, damage
     path, state = found
-    saved = state["config"]
-    if saved["arch"] != cfg.arch or saved["heads"] != shards.heads:
+    saved = ModelConfig(**state["config"])
+    if (saved.arch, saved.heads, saved.head_kinds) != (cfg.arch, shards.heads, model.config.head_kinds):
         raise ValueError(
-            f"{path} is a {saved['arch']} with heads {saved['heads']}; this run asks for {cfg.arch} "
-            f"and the shards give heads {shards.heads}"
+            f"{path} is a {saved.arch} with heads {saved.heads} of kinds {saved.head_kinds}; this run asks for "
+            f"{cfg.arch} and the shards give heads {shards.heads} of kinds {model.config.head_kinds}"
         )
     if state.get("data") != _data_id(cfg, shards):
         log.warning("%s was trained on other shards or another seed: the data order differs from its run", path)
@@ -270,7 +275,7 @@ def train_step(
     amp: bool,
     **loss_options: Any,
 ) -> torch.Tensor:
-    """One optimiser step; returns ``[loss, KL per head]`` detached on the device, without waiting for it."""
+    """One optimiser step; returns ``[loss, term per head]`` detached on the device, without waiting for it."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = net(x)
     loss, terms = distill_loss(logits, targets, **loss_options)
@@ -288,15 +293,15 @@ class Window:
         self,
         cfg: TrainConfig,
         where: Dist,
-        heads: dict[str, int],
+        kinds: dict[str, str],
         broken: list[str],
         last_saved: int | None,
         data: dict[str, Any],
     ) -> None:
-        self.cfg, self.where, self.heads, self.data = cfg, where, list(heads), data
+        self.cfg, self.where, self.kinds, self.data = cfg, where, kinds, data
         self.broken = dict.fromkeys(broken)  # all ranks, since the run began (kept in checkpoints)
         self.new_broken: list[str] = []  # this rank, since the last report
-        self.sums = torch.zeros(1 + len(heads), dtype=torch.float64, device=where.device)
+        self.sums = torch.zeros(1 + len(kinds), dtype=torch.float64, device=where.device)
         self.last_saved = last_saved
         self.loss: float | None = None
         self.run_start = self.start = time.perf_counter()
@@ -327,7 +332,7 @@ class Window:
         record = {
             "step": step,
             "loss": self.loss,
-            **{f"kl_{name}": v / world for name, v in zip(self.heads, means[1:])},
+            **{term_key(name, kind): v / world for (name, kind), v in zip(self.kinds.items(), means[1:])},
             "steps_per_s": n / elapsed,
             "clips_per_s": n * self.cfg.batch_size * world / elapsed,
             "data_wait": self.data_s / elapsed,
@@ -345,6 +350,11 @@ class Window:
         else:
             kept = f"the last good checkpoint, {out / 'checkpoints' / 'last.pt'} (step {self.last_saved}), is kept"
         return f"{what}: training stopped; {kept}. Try a lower --lr, or other --kl-norm / --temperature settings."
+
+
+def term_key(head: str, kind: str) -> str:
+    """The metrics key of a head's loss term: ``kl_<head>``, or ``cos_dist_<head>`` (1 - cos) for an embedding."""
+    return f"cos_dist_{head}" if kind == EMBEDDING else f"kl_{head}"
 
 
 def _save(
@@ -399,24 +409,31 @@ def _step_of(line: str) -> float:
 
 @torch.no_grad()
 def _evaluate(model: SoundNet, held_out: HeldOut, loss_fn: dict[str, Any], amp: bool, where: Dist) -> dict[str, float]:
-    """Held-out loss, KL (nats per clip and step) and top-1 agreement with each teacher, over all ranks.
+    """Held-out loss, and per teacher over all ranks: KL (nats per clip and step) and top-1 agreement for a
+    posterior head, mean cosine similarity for an embedding head.
 
     Runs the bare model, not the DDP wrapper: ranks may hold different numbers of batches, and DDP's forward
     would wait for the others.
     """
-    heads = list(model.config.heads)
+    kinds = model.config.head_kinds
+    heads = list(kinds)
     device = where.device
-    sums = torch.zeros(3 + 2 * len(heads), dtype=torch.float64, device=device)  # loss, KL, top-1, clips, steps
+    sums = torch.zeros(3 + 2 * len(heads), dtype=torch.float64, device=device)  # loss, KL, agreement, clips, steps
     model.eval()
     for batch in held_out:
         x, targets = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss, _ = distill_loss(logits, targets, **loss_fn)
-        kl = kl_terms(logits, targets, norm="sample")
-        agree = [top1_agreement(logits[name], targets[name]) for name in heads]
+        posteriors = [name for name in heads if kinds[name] != EMBEDDING]
+        kl = kl_terms({name: logits[name] for name in posteriors}, targets, norm="sample")
+        agree = [
+            (cosine_agreement if kinds[name] == EMBEDDING else top1_agreement)(logits[name], targets[name])
+            for name in heads
+        ]
         b, steps = x.shape[0], next(iter(targets.values())).shape[2]
-        values = [loss * b, *(kl[name] * b for name in heads), *agree, sums.new_tensor(b), sums.new_tensor(b * steps)]
+        kls = [kl[name] * b if name in kl else sums.new_tensor(0.0) for name in heads]
+        values = [loss * b, *kls, *agree, sums.new_tensor(b), sums.new_tensor(b * steps)]
         sums += torch.stack([v.double() for v in values])
     model.train()
     values = all_sum(torch.cat([sums, sums.new_tensor([held_out.skipped])]), where).tolist()
@@ -425,20 +442,27 @@ def _evaluate(model: SoundNet, held_out: HeldOut, loss_fn: dict[str, Any], amp: 
     if clips:
         result["val_loss"] = values[0] / clips
         for i, name in enumerate(heads):
-            result[f"val_kl_{name}"] = values[1 + i] / clips
-            result[f"val_top1_{name}"] = values[1 + len(heads) + i] / clip_steps
+            if kinds[name] == EMBEDDING:
+                result[f"val_cos_sim_{name}"] = values[1 + len(heads) + i] / clip_steps
+            else:
+                result[f"val_kl_{name}"] = values[1 + i] / clips
+                result[f"val_top1_{name}"] = values[1 + len(heads) + i] / clip_steps
     return result
 
 
 def _progress_line(record: dict[str, Any], steps: int) -> str:
     kls = ", ".join(f"{k[3:]} {v:.4f}" for k, v in record.items() if k.startswith("kl_"))
+    cosines = ", ".join(f"{k[9:]} {v:.4f}" for k, v in record.items() if k.startswith("cos_dist_"))
+    kls += f"; 1-cos {cosines}" if cosines else ""
     line = (
         f"step {record['step']}/{steps}  loss {record['loss']:.4f} (KL {kls})  {record['steps_per_s']:.2f} steps/s  "
         f"{record['clips_per_s']:.1f} clips/s  data wait {100 * record['data_wait']:.0f}%  skipped {record['skipped']}"
     )
     if "val_loss" in record:
         tops = ", ".join(f"{k[9:]} {v:.3f}" for k, v in record.items() if k.startswith("val_top1_"))
-        line += f"  | val loss {record['val_loss']:.4f}, top-1 agreement {tops}"
+        similar = ", ".join(f"{k[12:]} {v:.3f}" for k, v in record.items() if k.startswith("val_cos_sim_"))
+        line += f"  | val loss {record['val_loss']:.4f}, top-1 agreement {tops or '-'}"
+        line += f", cosine {similar}" if similar else ""
     return line
 
 
@@ -454,6 +478,7 @@ def _finish(
     summary = {
         "arch": cfg.arch,
         "heads": shards.heads,
+        "head_kinds": model.config.head_kinds,
         "clip_layout": shards.layout.to_json(),
         "clips": len(shards),
         "shards": len(shards.urls),

@@ -206,6 +206,52 @@ def test_valid_sample_has_no_problems() -> None:
     assert validate_sample(make_sample("/v/a.mp4")) == []
 
 
+def unit_rows(rng: np.random.Generator, frames: int, dim: int) -> np.ndarray:
+    """Rows as an embedding teacher gives them: L2-normalised, stored as float16."""
+    rows = rng.normal(size=(frames, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def with_embedding(sample: Sample, dim: int = 8) -> Sample:
+    """``sample`` with an embedding teacher ``clip`` of ``dim`` dimensions beside its posteriors."""
+    sample.posteriors["clip"] = unit_rows(np.random.default_rng(1), sample.frames, dim)
+    sample.meta["teachers"]["clip"] = {
+        "arch": "timm-embed:net", "weights": "clip.safetensors", "sha256": "0" * 64, "kind": "embedding", "dim": dim,
+    }  # fmt: skip
+    return sample
+
+
+def test_an_embedding_teacher_holds_unit_rows_and_its_dimension_and_round_trips() -> None:
+    sample = with_embedding(make_sample("/v/a.mp4"))
+    sample.meta["teachers"]["places"]["kind"] = "posterior"  # written explicitly today; absent in older shards
+    assert validate_sample(sample) == []
+    assert_same(decode_sample(encode_sample(sample)), sample)
+
+
+EMBEDDING_INVALID = {
+    "not unit": (_posterior("clip", lambda a: (a * 2).astype(np.float16)), "norm 2, expected 1"),
+    "log-probs as embedding": (
+        _posterior("clip", lambda a: log_softmax(np.random.default_rng(0), *a.shape)),
+        "must be L2-normalised",
+    ),
+    "no dim": (_del("meta/teachers/clip/dim"), "teachers['clip'] lacks 'dim'"),
+    "dim mismatch": (_set("meta/teachers/clip/dim", 9), "has C=8 but meta says 9 dimensions"),
+    "dim not int": (_set("meta/teachers/clip/dim", 8.0), "['dim'] must be a dimension"),
+    "unknown kind": (_set("meta/teachers/clip/kind", "regression"), "['kind'] must be one of"),
+    "no kind: read as a posterior": (_del("meta/teachers/clip/kind"), "rows must be log-softmax"),
+    "nan": (_posterior("clip", lambda a: np.where(a == a.max(), np.float16(np.nan), a)), "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDING_INVALID))
+def test_validate_catches_embedding(case: str) -> None:
+    mutate, expected = EMBEDDING_INVALID[case]
+    sample = with_embedding(make_sample("/v/a.mp4"))
+    mutate(sample)
+    problems = validate_sample(sample)
+    assert any(expected in p for p in problems), problems
+
+
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_validate_catches(case: str) -> None:
     mutate, expected = INVALID[case]
