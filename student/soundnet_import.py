@@ -3,11 +3,13 @@
 
 ``sound8.npy`` is a Python pickle. Unpickling runs whatever callables a pickle names, so a tampered copy could run
 any command on ``np.load(allow_pickle=True)``. :class:`NumpyOnlyUnpickler` admits the three callables that numpy
-arrays are rebuilt with and nothing else; dicts, lists and tuples are pickle opcodes, not callables.
+arrays are rebuilt with, called as numpy's pickles call them, and nothing else; dicts, lists and tuples are pickle
+opcodes, not callables.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from typing import IO, Any
@@ -28,14 +30,20 @@ NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.forma
 
 
 class UnsafePickle(ValueError):
-    """A pickle that names a callable other than the ones numpy arrays are rebuilt with: it was not run."""
+    """A pickle that does more than rebuild numpy arrays (another callable, another call, a forged state): refused
+    before any of it ran."""
 
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays in dicts, lists and tuples; refuses every other global before anything runs.
+class NumpyOnlyUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be checked one by one
+    """Unpickles numpy arrays in dicts, lists and tuples; refuses everything else before it runs.
 
-    Both spellings of numpy's array rebuilder are admitted (``numpy.core`` before numpy 2, ``numpy._core`` since),
-    and they resolve to this numpy's own function rather than to an import of the named module.
+    Admitting numpy's rebuilders is not enough: ``ndarray(shape)`` hands out uninitialised memory, and a forged dtype
+    state (BUILD) makes numpy read object pointers from bytes the pickle chose. So only the calls and states numpy's
+    own pickles hold get through: ``_reconstruct(ndarray, (0,), b"b")``, ``dtype(NAME, align, copy)`` of a plain
+    number or object dtype whose state may set only the byte order, and the state of an empty array whose bytes (or
+    objects) are exactly as many as its shape and dtype need. The opcodes that build other objects are refused.
+    Both spellings of the array rebuilder are admitted (``numpy.core`` before numpy 2, ``numpy._core`` since), and
+    they resolve to this numpy's own function rather than to an import of the named module.
     """
 
     _reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
@@ -45,6 +53,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
+    DTYPE_KINDS = "biufcO"  # numbers, and objects for the pickled dict; no records, strings or subarrays
+    REFUSED = (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4,
+               pickle.PERSID, pickle.BINPERSID, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER)  # fmt: skip
 
     def find_class(self, module: str, name: str) -> Any:
         found = self.ALLOWED.get((module, name))
@@ -52,8 +63,69 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             raise UnsafePickle(f"it calls {module}.{name}, and only numpy arrays are admitted")
         return found
 
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickle("it refers to persistent objects, and only numpy arrays are admitted")
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        empty = (np.ndarray, (0,), b"b"), (np.ndarray, (0,), "b")  # the placeholder numpy pickles (Python 3, 2)
+        if func is self._reconstruct and any(_same(args, placeholder) for placeholder in empty):
+            self.stack[-1] = np.ndarray((0,), np.uint8)  # empty: BUILD gives it its shape, dtype and contents
+        elif func is np.dtype and len(args) == 3 and isinstance(args[0], str) and args[0].isalnum():
+            self.stack[-1] = np.dtype(self._admitted_dtype(np.dtype(args[0])), False, True)  # a copy BUILD may set
+        else:
+            name = getattr(func, "__name__", type(func).__name__)
+            raise UnsafePickle(f"it calls {name}{args!r:.80}, which numpy's pickles never do")
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(state, tuple):
+            raise UnsafePickle(f"it sets the state of a {type(inst).__name__} to a {type(state).__name__}")
+        if isinstance(inst, np.dtype) and len(state) >= 5 and isinstance(state[1], str) and state[1] in tuple("<>|="):
+            if any(part is not None for part in state[2:5]):  # subarray, field names, fields
+                raise UnsafePickle(f"it turns the dtype {inst} into a record or a subarray")
+            own = inst.__reduce__()[2]
+            inst.__setstate__((own[0], state[1], *own[2:]))  # only the byte order; sizes and flags as numpy has them
+        elif type(inst) is np.ndarray and inst.shape == (0,) and inst.dtype == np.uint8 and len(state) == 5:
+            self._check_array_state(*state)
+            inst.__setstate__(state)
+        else:
+            raise UnsafePickle(f"it sets the state of a {type(inst).__name__} as numpy's pickles never do")
+
+    def load_refused(self) -> None:
+        raise UnsafePickle("it builds objects with INST, OBJ, NEWOBJ, EXT or PERSID, which numpy's pickles never do")
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch.update(dict.fromkeys([op[0] for op in REFUSED], load_refused))
+
+    def _admitted_dtype(self, dtype: np.dtype) -> np.dtype:
+        if dtype.kind not in self.DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise UnsafePickle(f"it makes the dtype {dtype}, and only numbers and objects are admitted")
+        return dtype
+
+    def _check_array_state(self, version: Any, shape: Any, dtype: Any, fortran: Any, data: Any) -> None:
+        """The state BUILD gives an array: numpy's checks come after it allocates, these before."""
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise UnsafePickle(f"it gives an array the shape {shape!r:.80}")
+        if not isinstance(dtype, np.dtype):
+            raise UnsafePickle(f"it gives an array the dtype {dtype!r:.80}")
+        self._admitted_dtype(dtype)
+        count = math.prod(shape)
+        if dtype.hasobject:
+            if not (isinstance(data, list) and len(data) == count):
+                raise UnsafePickle(f"it claims {count:,} objects for an array and gives others")
+        elif not (isinstance(data, (bytes, str)) and len(data) == count * dtype.itemsize):
+            raise UnsafePickle(f"it claims {count * dtype.itemsize:,} bytes for a {dtype} array and gives others")
+
+
+def _same(args: Any, expected: tuple) -> bool:
+    """``args == expected`` for a tuple of plain values, without comparing whatever a pickle put in ``args``."""
+    return (
+        type(args) is tuple
+        and len(args) == len(expected)
+        and all(type(a) is type(e) and (a is e or a == e) for a, e in zip(args, expected))
+    )
 
 
 def npy_dtype(f: IO[bytes]) -> np.dtype:

@@ -4,6 +4,7 @@ downloads, the offline message, a malicious pickle, files that are no model, and
 
 from __future__ import annotations
 
+import copyreg
 import http.server
 import json
 import os
@@ -28,7 +29,7 @@ from soundnet.evaluate.cli import main as evaluate_cli
 from soundnet.student.checkpoint import load_checkpoint, save_checkpoint
 from soundnet.student.cli import main as student_cli
 from soundnet.student.model import ModelConfig, build_model
-from soundnet.student.soundnet_import import import_soundnet8
+from soundnet.student.soundnet_import import UnsafePickle, import_soundnet8, read_pickled_npy
 from soundnet.weights import RELEASES, WeightsUnavailable, resolve
 
 BIN = Path(sys.executable).parent  # the console scripts of this environment, as a user runs them
@@ -264,6 +265,47 @@ def test_a_malicious_pickle_is_refused_and_runs_nothing(how, esc50_dir, tmp_path
         assert f"refused to unpickle: it calls {called}" in result.output and "nothing in it was run" in result.output
         assert not marker.exists()
     assert not list(tmp_path.glob("x.*"))
+
+
+class Forged:
+    """An object that pickles as ``reduce`` (a callable and its arguments, then an optional BUILD state)."""
+
+    def __init__(self, *reduce) -> None:
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+class ForgedArray(Forged):
+    """Passes the pickler's check that NEWOBJ names the object's own class."""
+
+    __class__ = property(lambda self: np.ndarray)  # type: ignore[assignment]
+
+
+REBUILD = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own array rebuilder, as its pickles name it
+ONE_OBJECT = {"a": (np.dtype("O"), 0)}  # a field holding an object pointer, read from the array's raw bytes
+FORGERIES = {  # pickles that call only numpy's array and dtype rebuilders, but not as numpy's pickles do
+    "a float dtype made a record of object pointers": Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (), Forged(
+        np.dtype, ("f8", False, True), (3, "|", None, ("a",), ONE_OBJECT, 8, 1, 0)), False, b"A" * 8)),
+    "a record dtype": Forged(np.dtype, ("f4,O", False, True)),
+    "ndarray called: uninitialised memory": Forged(np.ndarray, ((64, 1, 1, 16), "f4")),
+    "ndarray.__new__ (NEWOBJ)": ForgedArray(copyreg.__newobj__, (np.ndarray, (64, 1, 1, 16), "f4")),
+    "_reconstruct with a shape": Forged(REBUILD, (np.ndarray, (1 << 20,), b"f")),
+    "more elements than bytes": Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (1 << 40,), np.dtype("f4"), False, b"")),
+    "more objects than given": Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (1 << 20,), np.dtype("O"), False, [])),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_pickle_that_forges_numpy_state_is_refused(forgery, tmp_path):
+    """Admitting numpy's rebuilders is not enough: with a forged dtype state a pickle makes numpy read object pointers
+    from bytes it chose (a crash, or worse, when the weights are read), and ndarray itself hands out uninitialised
+    memory. Only the calls and states numpy's own pickles hold get through."""
+    path = tmp_path / "sound8.npy"
+    np.save(path, np.array({"conv1": {"weights": FORGERIES[forgery]}}, dtype=object), allow_pickle=True)
+    with pytest.raises(UnsafePickle, match=f"{path}: refused to unpickle: .*nothing in it was run"):
+        read_pickled_npy(path)
 
 
 def no_model_files(folder: Path) -> dict[str, Path]:
