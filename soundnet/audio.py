@@ -61,9 +61,13 @@ def decode_audio(
     shift = 0  # samples of silence to put before the audio (> 0) or samples to drop from its start (< 0)
     first_time: float | None = None
     channels = codec.channels
+    float_pcm = codec.name.startswith("pcm_f")  # stored floats can be NaN or infinite, which s16 makes full scale
     with decoding_only(container, stream, threads):
         try:
             for frame in container.decode(stream):
+                if float_pcm and not np.isfinite(frame.to_ndarray()).all():
+                    at = f" at {float(frame.time):.2f} s" if frame.time is not None else ""
+                    raise DecodeError("audio_decode_failed", f"float samples are NaN or infinite{at}")
                 if first_time is None:
                     first_time = float(frame.time) if frame.time is not None else 0.0
                     channels = len(frame.layout.channels)
