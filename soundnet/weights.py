@@ -189,6 +189,8 @@ def _download_once(url: str, release: Release, dest: Path) -> None:
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(dest, "wb") as out:
             expected = int(response.headers.get("Content-Length") or release.size)
+            if expected != release.size:  # another file: not worth the bandwidth or the disk
+                raise _Failure(f"serves {expected:,} bytes, not the {release.size:,} of {release.filename}", False)
             progress = tqdm(
                 total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=release.filename, leave=False
             )
@@ -198,6 +200,8 @@ def _download_once(url: str, release: Release, dest: Path) -> None:
                     digest.update(block)
                     received += len(block)
                     progress.update(len(block))
+                    if received > release.size:  # a body longer than announced, or never announced
+                        raise _Failure(f"serves more than the {release.size:,} bytes of {release.filename}", False)
     except urllib.error.HTTPError as exc:
         exc.close()
         raise _Failure(f"HTTP {exc.code} {exc.reason}", exc.code in (408, 429) or exc.code >= 500) from None

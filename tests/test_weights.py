@@ -39,11 +39,11 @@ CLIPS = ("1-100032-A-0.flac", "1-17367-A-10.flac")  # a dog, rain
 
 class WeightsServer(http.server.ThreadingHTTPServer):
     """Serves ``payload`` at any path on a loopback port; the first ``cut`` answers stop after 1 MiB of the body and
-    close the connection (the announced Content-Length is always the whole payload)."""
+    close the connection (the announced Content-Length is always the whole payload; none with ``announce=False``)."""
 
-    def __init__(self, payload: bytes, cut: int = 0) -> None:
+    def __init__(self, payload: bytes, cut: int = 0, announce: bool = True) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.payload, self.cut, self.requests = payload, cut, 0
+        self.payload, self.cut, self.announce, self.requests = payload, cut, announce, 0
 
     @property
     def url(self) -> str:
@@ -57,7 +57,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.requests += 1
         body = self.server.payload
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        if self.server.announce:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.server.requests <= self.server.cut:
             self.wfile.write(body[: 1 << 20])
@@ -71,8 +72,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serving(payload: bytes, cut: int = 0) -> Iterator[WeightsServer]:
-    server = WeightsServer(payload, cut)
+def serving(payload: bytes, cut: int = 0, announce: bool = True) -> Iterator[WeightsServer]:
+    server = WeightsServer(payload, cut, announce)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -155,6 +156,18 @@ def test_a_wrong_digest_is_refused_and_nothing_is_kept(sound8_bytes, home):
         assert server.requests == 1  # a wrong file is not fetched again
     assert f"{server.url}: served 57,429,057 bytes" in str(error.value) and "nothing was kept" in str(error.value)
     assert cache_files(home) == []
+
+
+def test_a_larger_file_is_refused_without_being_kept_whole(sound8_bytes, home, monkeypatch):
+    """A mirror serving another file (or a server streaming without end) costs neither the bandwidth nor the disk:
+    the announced size is refused before the body, an unannounced one once it passes the release's size."""
+    for announce, message in ((True, "serves 58,477,633 bytes, not the 57,429,057"), (False, "serves more than")):
+        with serving(sound8_bytes + bytes(1 << 20), announce=announce) as server:
+            monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", server.url)
+            with pytest.raises(WeightsUnavailable, match=f"{server.url}: {message}.*\\(1 try\\)"):
+                resolve("soundnet8")
+            assert server.requests == 1
+        assert cache_files(home) == []
 
 
 def test_an_interrupted_download_is_retried_and_leaves_nothing(sound8_bytes, sound8_npy, home, monkeypatch):
