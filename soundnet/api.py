@@ -202,7 +202,9 @@ def embed_many(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`embed` for many mono float32 waveforms at the model's rate, faster: clips of equal length run as one
     batch of at most ``chunk_seconds`` of audio (a batch of 12 five-second clips is several times faster than
-    12 single passes on a CPU), longer ones one by one in chunks."""
+    12 single passes on a CPU), longer ones one by one in chunks. Each is checked by :func:`check_samples`."""
+    for waveform in waveforms:
+        check_samples(waveform)
     rate = model.config.sample_rate
     chunk = int(chunk_seconds * rate)
     need = model.min_input_samples(layer)  # tiled up to it, as the paper's evaluation tiles short clips

@@ -183,6 +183,10 @@ def test_float_audio_at_int16_scale_is_refused_with_the_fix(model, clip):
             soundnet.embed(model, audio, SAMPLE_RATE)
     with pytest.raises(ValueError, match="divide them by 32768"):
         soundnet.embed(model, resample(int16_scale, SAMPLE_RATE, 44100), 44100)
+    with pytest.raises(ValueError, match="divide them by 32768"):  # the batched entry point checks too
+        soundnet.embed_many(model, [clip, int16_scale])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        soundnet.embed_many(model, [np.full(100, np.nan, np.float32)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hot = clip * (1.9 / np.abs(clip).max())  # a clipped float recording may pass 1 a little
