@@ -83,8 +83,8 @@ class NumpyOnlyUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
         if isinstance(inst, np.dtype) and len(state) >= 5 and isinstance(state[1], str) and state[1] in tuple("<>|="):
             if any(part is not None for part in state[2:5]):  # subarray, field names, fields
                 raise UnsafePickle(f"it turns the dtype {inst} into a record or a subarray")
-            own = inst.__reduce__()[2]
-            inst.__setstate__((own[0], state[1], *own[2:]))  # only the byte order; sizes and flags as numpy has them
+            # only the byte order, as numpy itself sets it (none for objects and bytes); sizes and flags are numpy's
+            inst.__setstate__(inst.newbyteorder(state[1]).__reduce__()[2])
         elif type(inst) is np.ndarray and inst.shape == (0,) and inst.dtype == np.uint8 and len(state) == 5:
             self._check_array_state(*state)
             inst.__setstate__(state)

@@ -321,6 +321,21 @@ def test_a_pickle_that_forges_numpy_state_is_refused(forgery, tmp_path):
         read_pickled_npy(path)
 
 
+def test_a_pickle_cannot_give_object_pointers_a_byte_order(tmp_path):
+    """A dtype's state may set its byte order, but only as numpy itself would: an object dtype made big-endian has
+    its pointers byte-swapped by numpy's copies (``np.asarray(a, dtype=object)`` crashed the process)."""
+    big_endian_objects = Forged(np.dtype, ("O8", False, True), (3, ">", None, None, None, -1, -1, 63))
+    weights = Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (2,), big_endian_objects, False, [1.5, 2.5]))
+    big_endian_floats = Forged(np.dtype, ("f4", False, True), (3, ">", None, None, None, -1, -1, 0))
+    biases = Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (1,), big_endian_floats, False, b"\x3f\x80\x00\x00"))
+    path = tmp_path / "sound8.npy"
+    np.save(path, np.array({"conv1": {"weights": weights, "biases": biases}}, dtype=object), allow_pickle=True)
+    loaded = read_pickled_npy(path)["conv1"]
+    assert loaded["weights"].dtype.byteorder == "|"
+    assert np.asarray(loaded["weights"], dtype=object).tolist() == [1.5, 2.5]
+    assert loaded["biases"].tolist() == [1.0]  # a big-endian float stays big-endian: numpy's own pickles allow it
+
+
 def no_model_files(folder: Path) -> dict[str, Path]:
     files = {name: folder / name for name in ("notes.pt", "empty.ckpt", "random.npy", "foreign.pt", "plain.npy")}
     files["notes.pt"].write_text("not a checkpoint")
