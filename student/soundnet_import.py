@@ -106,11 +106,16 @@ class NumpyOnlyUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
 
     def _check_array_state(self, version: Any, shape: Any, dtype: Any, fortran: Any, data: Any) -> None:
         """The state BUILD gives an array: numpy's checks come after it allocates, these before."""
-        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-            raise UnsafePickle(f"it gives an array the shape {shape!r:.80}")
         if not isinstance(dtype, np.dtype):
             raise UnsafePickle(f"it gives an array the dtype {dtype!r:.80}")
         self._admitted_dtype(dtype)
+        # numpy does not check that the strides of an empty array fit: (0, 2**63 - 1, 2**63 - 1) gets negative ones
+        if not (
+            isinstance(shape, tuple)
+            and all(type(n) is int and n >= 0 for n in shape)
+            and math.prod(n for n in shape if n) * dtype.itemsize < 2**63
+        ):
+            raise UnsafePickle(f"it gives an array the shape {shape!r:.80}")
         count = math.prod(shape)
         if dtype.hasobject:
             if not (isinstance(data, list) and len(data) == count):

@@ -306,6 +306,8 @@ FORGERIES = {  # pickles that call only numpy's array and dtype rebuilders, but 
     "ndarray.__new__ (NEWOBJ)": ForgedArray(copyreg.__newobj__, (np.ndarray, (64, 1, 1, 16), "f4")),
     "_reconstruct with a shape": Forged(REBUILD, (np.ndarray, (1 << 20,), b"f")),
     "more elements than bytes": Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (1 << 40,), np.dtype("f4"), False, b"")),
+    "an empty array whose strides overflow": Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (0, 2**63 - 1, 2**63 - 1),
+                                                                                np.dtype("f4"), False, b"")),
     "more objects than given": Forged(REBUILD, (np.ndarray, (0,), b"b"), (1, (1 << 20,), np.dtype("O"), False, [])),
 }  # fmt: skip
 
