@@ -16,7 +16,8 @@ objects, which seek with ranged reads; credentials and endpoint come from the fi
 
 Transient failures (connection errors, timeouts, 429, 5xx, an answer cut short) are retried with exponential
 backoff per :class:`UrlPolicy`; what still fails becomes a ledger row: ``http_error`` with the status, ``timeout``
-naming the seconds, ``connection_failed``, ``too_large``, or ``not_found`` for a missing object.
+naming the seconds, ``connection_failed``, ``too_large``, ``not_found`` for a missing object, or ``io_error`` when
+this machine cannot keep a download (not retried).
 """
 
 from __future__ import annotations
@@ -188,15 +189,30 @@ def _download(response: http.client.HTTPResponse, policy: UrlPolicy, files: Exit
     expected = int(length) if length.isdigit() else None
     if expected is not None and expected > limit:
         raise too_large
-    file = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (files closes it)
+    try:
+        file = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (files closes it)
+    except OSError as exc:
+        raise _not_kept(exc) from exc
     while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
         if file.tell() + len(chunk) > limit:  # no Content-Length, or one that lied: counted as it comes
             raise too_large
-        file.write(chunk)
+        try:
+            file.write(chunk)
+        except OSError as exc:
+            raise _not_kept(exc) from exc
     if expected is not None and file.tell() < expected:
         raise _Attempt("connection_failed", f"the answer broke off after {file.tell()} of {expected} bytes", True)
     file.seek(0)
     return file
+
+
+def _not_kept(exc: OSError) -> _Attempt:
+    """A download this machine cannot keep (no space, no temporary folder): its own failure, not the server's, and
+    not worth fetching again."""
+    where = tempfile.gettempdir()
+    return _Attempt(
+        "io_error", f"cannot keep the download in {where} ({exc.strerror or exc}): free space or set TMPDIR", False
+    )
 
 
 def _ffmpeg_open(url: str, policy: UrlPolicy) -> av.container.InputContainer:

@@ -160,6 +160,22 @@ def test_download_cut_short_is_retried(monkeypatch, tmp_path) -> None:
     np.testing.assert_array_equal(clip.audio.samples, decode_clip(video).audio.samples)
 
 
+def test_a_download_this_machine_cannot_keep_is_an_io_error_not_retried(monkeypatch, tmp_path) -> None:
+    """A temporary folder that is missing (or full) is this machine's failure: named as such, and not fetched again
+    (each try would download the file anew)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    video = shared_path("videos", VIDEOS[0])
+    with (
+        video_server(video.parent, ranges=False) as (base, log),
+        pytest.raises(DecodeError) as err,
+        open_media(f"{base}/{video.name}", UrlPolicy(backoff_s=0.01)),
+    ):
+        pass
+    assert err.value.reason == "io_error"
+    assert f"cannot keep the download in {tmp_path / 'missing'}" in err.value.message and "TMPDIR" in err.value.message
+    assert statuses(log, f"/{video.name}") == [200]
+
+
 def test_s3_folder_and_list_errors(s3_here) -> None:
     """A prefix lists the videos under it; a missing list and a protocol that cannot be read are named."""
     found = read_video_list(f"s3://{BUCKET}/videos/")
