@@ -10,7 +10,7 @@ converts it and keeps the converted weights as ``NAME.safetensors`` (with ``NAME
   digest leaves nothing behind.
 * Without a network, a release file put by hand into the cache folder is checked and converted the same way; the
   error message says where, with the URLs and the sha256.
-* A path that exists always wins over a name.
+* A file of that name always wins over a release's name; a folder does not (``../shared/data/soundnet8/``).
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ def weights_dir() -> Path:
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """The model file for ``model``: the path itself when it exists, else the converted weights of the release of
-    that name (downloaded and converted on first use)."""
+    """The model file for ``model``: the path itself when it exists (a file, or anything but the name of a release),
+    else the converted weights of the release of that name (downloaded and converted on first use)."""
     path = Path(model)
-    if path.exists():
+    if path.is_file() or (path.exists() and str(model) not in RELEASES):
         return path
     if str(model) in RELEASES:
         return fetch(RELEASES[str(model)])

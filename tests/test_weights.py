@@ -235,6 +235,16 @@ def test_evaluate_takes_a_name(released_home, esc50_dir, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
 
 
+def test_a_folder_named_like_a_release_does_not_hide_it(released_home, tmp_path, monkeypatch):
+    """Run from ../shared/data, `--checkpoint soundnet8` meets the folder soundnet8/: the name still means the
+    release; a file of that name would win."""
+    monkeypatch.setenv("SOUNDNET_HOME", str(released_home))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "soundnet8").mkdir()
+    assert resolve("soundnet8") == released_home / "weights" / "soundnet8.safetensors"
+    assert resolve(tmp_path) == tmp_path  # any other folder is given back, for the caller's "is a folder" message
+
+
 # ---- files a user may hold -------------------------------------------------------------------------------------
 
 
