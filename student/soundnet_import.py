@@ -188,8 +188,11 @@ def released_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(len(NPY_MAGIC))
     if head.startswith(ZIP_MAGIC):
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except Exception as exc:  # a damaged archive raises zipfile, zlib and numpy errors; object arrays refused
+            raise ValueError(f"{path}: not a readable soundnet8.npz ({type(exc).__name__}: {exc})") from None
     if head == NPY_MAGIC:
         return sound8_arrays(path)
     raise ValueError(f"{path}: neither soundnet8.npz nor sound8.npy")

@@ -111,6 +111,22 @@ def test_a_damaged_sound8_npy_is_named(sound8_npy, tmp_path) -> None:
         import_soundnet8(other)
 
 
+def test_a_damaged_or_pickling_npz_is_named(soundnet8_npz, tmp_path) -> None:
+    """One line naming the file, not zlib's traceback or numpy's message without a file name."""
+    damaged = tmp_path / "damaged.npz"
+    with np.load(soundnet8_npz) as npz:
+        np.savez_compressed(damaged, **{"conv1.weight": npz["conv1.weight"]})
+    data = bytearray(damaged.read_bytes())
+    data[60:80] = b"\xff" * 20  # inside the compressed member
+    damaged.write_bytes(data)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, **{"conv1.weight": np.array([{"run": "code"}], dtype=object)})
+    for path, cause in ((damaged, "error"), (objects, "Object arrays cannot be loaded when allow_pickle=False")):
+        result = CliRunner().invoke(student_cli, ["import-soundnet", str(path), "--out", str(tmp_path / "x.ckpt")])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"Error: {path}: not a readable soundnet8.npz (") and cause in result.output
+
+
 @pytest.mark.parametrize("file", ["soundnet8_npz", "sound8_npy"])
 def test_import_cli(file, request, released, tmp_path) -> None:
     out = tmp_path / "w.ckpt"
