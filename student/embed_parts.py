@@ -105,8 +105,11 @@ def open_folder(out: Path, wanted: dict, part: Slice, resume: bool) -> tuple[lis
     Refused, naming what differs, when the folder holds another run; refused without ``resume`` when some of this
     slice's parts are already there. Temporary files left by a killed writer of this slice are removed.
     """
-    with disk_errors(out / MANIFEST, resumable=False):
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out} is a file: give a folder for parts, or a .parquet file")
+    with disk_errors(out, resumable=False):
         out.mkdir(parents=True, exist_ok=True)
+    with disk_errors(out / MANIFEST, resumable=False):
         found = _create_or_read(out / MANIFEST, wanted)
     differ = [key for key in IDENTITY if found.get(key) != wanted[key]]
     if differ:
@@ -151,16 +154,14 @@ def _create_or_read(path: Path, wanted: dict) -> dict:
 
 @contextlib.contextmanager
 def disk_errors(writing: Path, resumable: bool) -> Iterator[None]:
-    """A full or read-only disk is the user's to fix: one line naming the file, no traceback."""
+    """A full disk, a read-only or unwritable --out are the user's to fix: one line naming the file, no traceback."""
     try:
         yield
     except OSError as exc:  # pyarrow's own I/O errors are OSErrors without an errno
         if exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
             then = "finished parts kept; free space and run again with --resume" if resumable else "free space"
             raise click.ClickException(f"no space left on device writing {writing}: {then}") from None
-        if exc.errno in (errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise click.ClickException(f"cannot write {writing}: {exc.strerror}: choose another --out") from None
-        raise
+        raise click.ClickException(f"cannot write {writing}: {exc.strerror or exc}: choose another --out") from None
 
 
 def schema(width: int, scene: bool, metadata: dict) -> pa.Schema:

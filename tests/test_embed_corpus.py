@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from click.testing import CliRunner
 from soundnet.student.cli import main
 from soundnet.student.embed_decode import Block, Decoders, End, Failed
 from tests.test_engines import in_tmpfs
+from tests.test_ray import ROOT, readme_block
 
 BIN = Path(sys.executable).parent
 
@@ -155,6 +157,9 @@ def test_changed_inputs_or_options_are_refused_naming_what_differs(farm, referen
     assert result.exit_code == 1 and "--resume and --part need --out DIR" in result.output
     result = CliRunner().invoke(main, [*base, str(farm), "--part", "4/3"])
     assert result.exit_code == 2 and "I must be between 1 and N" in result.output
+    (tmp_path / "a-file").write_text("not a folder")
+    result = CliRunner().invoke(main, [*file_out[:-1], str(tmp_path / "a-file")])
+    assert result.exit_code == 1 and f"--out {tmp_path / 'a-file'} is a file: give a folder" in result.output
     assert sorted((p.name, p.stat().st_mtime_ns) for p in reference.iterdir()) == before
 
 
@@ -230,6 +235,35 @@ def test_a_worker_that_dies_costs_its_file_only_and_workers_import_no_torch(esc5
             assert sum(len(m.samples) for m in decoded[:-1]) == 5 * 22050
         assert decoders._procs[0].pid != worker.pid
     assert decoders._procs[0].poll() is not None  # closed with the context
+
+
+def run_from_readme(script: str, runs: Path) -> subprocess.CompletedProcess:
+    """``script`` from the README, run as written from the repository root, its ``runs/`` under ``runs``."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    script = "set -e\n" + script.replace("runs/", f"{runs}/")
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_the_readmes_corpus_commands(tmp_path):
+    """A folder of parts from the 16 shared videos, the same command with --resume, the folder read as one table."""
+    result = run_from_readme(readme_block("--out runs/videos --part-rows 4\n"), tmp_path)
+    lines = result.stdout.splitlines()
+    assert lines.count(f"embedded 13 of 16 files with pool5 (256-d) -> {tmp_path}/videos") == 2
+    assert "resumed: 4 of 4 parts were there already; wrote 0" in lines and lines[-1] == "16"
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["_manifest.json"] + [
+        f"part-{k:06d}.parquet" for k in range(4)
+    ]
+
+
+@pytest.mark.slow
+def test_the_readmes_esc10_command_and_classifier(tmp_path):
+    """The README's ESC-10 command and linear classifier as written: 0.89 over the 5 folds."""
+    run_from_readme(readme_block("--scene --out runs/esc10.parquet"), tmp_path)
+    python = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text().split("**Command line**")[1], re.S)
+    result = run_from_readme(f"python - <<'EOF'\n{python.group(1)}EOF\n", tmp_path)
+    assert f"{float(result.stdout.split()[-1]):.2f}" == "0.89"
 
 
 @pytest.mark.acceptance
