@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -262,13 +263,34 @@ def embed_command(
         else:
             plan, written = [(out, range(len(paths)))], [out]
         todo_paths = [paths[i] for _, rows in plan for i in rows]
-        decoded = zip(todo_paths, decoders.files(todo_paths))
+        waited = [0.0]
+        decoded = zip(todo_paths, (_timed(messages, waited) for messages in decoders.files(todo_paths)))
         autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+        start = time.perf_counter()
         with autocast, tqdm(total=len(todo_paths), unit="file") as progress:
             for target, rows in plan:
                 results = embed_files(itertools.islice(decoded, len(rows)), model, layer, scene, chunk_seconds)
                 write_rows(target, _counted(results, progress), schema(width, scene, metadata), resumable=folder)
+    if todo_paths:
+        took = time.perf_counter() - start
+        click.echo(
+            f"{len(todo_paths)} files in {took:.1f} s ({len(todo_paths) / took:.1f} files/s): waiting for decoded "
+            f"audio {waited[0]:.1f} s{' (decoding here, --workers 0)' if not workers else ''}, network and writing "
+            f"{took - waited[0]:.1f} s"
+        )
     _summarise(written, len(plan), layer, width, out, folder and resume)
+
+
+def _timed(messages: Iterator[Message], waited: list[float]) -> Iterator[Message]:
+    """``messages``, adding the time spent waiting for each to ``waited[0]``: decoding that keeps the network
+    waiting (more --workers help), or with --workers 0 the decoding itself."""
+    while True:
+        start = time.perf_counter()
+        message = next(messages, None)
+        waited[0] += time.perf_counter() - start
+        if message is None:
+            return
+        yield message
 
 
 def _counted(results: Iterator[Result], progress: tqdm) -> Iterator[Result]:

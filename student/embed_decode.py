@@ -116,8 +116,9 @@ class Decoders:
             self._send(w, path)
 
     def _send(self, w: int, path: str) -> None:
-        self._procs[w].stdin.write(pickle.dumps(path))
-        self._procs[w].stdin.flush()
+        with contextlib.suppress(BrokenPipeError):  # a dead worker: found when its file is read, and restarted
+            self._procs[w].stdin.write(pickle.dumps(path))
+            self._procs[w].stdin.flush()
 
     def __enter__(self) -> Decoders:
         return self
@@ -167,7 +168,11 @@ class Decoders:
             try:
                 message = pickle.load(self._procs[w].stdout)
             except (EOFError, pickle.UnpicklingError):  # the worker died
-                self._procs[w].wait()
+                dead = self._procs[w]
+                dead.wait()
+                for pipe in (dead.stdin, dead.stdout):
+                    with contextlib.suppress(OSError):
+                        pipe.close()
                 self._assigned[w].popleft()
                 self._start(w)
                 yield Failed("worker_crashed: the decoding worker died on this file (decoder crash or out of memory)")

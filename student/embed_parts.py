@@ -119,16 +119,17 @@ def open_folder(out: Path, wanted: dict, part: Slice, resume: bool) -> tuple[lis
             "or choose a new --out"
         )
     mine = [k for k in range(wanted["parts"]) if part.owns(k)]
-    done = [k for k in mine if part_path(out, k).exists()]
+    present = {p.name for p in out.iterdir()}
+    done = [k for k in mine if part_path(out, k).name in present]
     if done and not resume:
         raise click.ClickException(
             f"{out} already holds {len(done)} of the {len(mine)} parts of this run"
             f"{'' if part.count == 1 else f' (slice {part})'}: pass --resume to finish it, or choose a new --out"
         )
-    for k in mine:
-        for leftover in out.glob(f".{part_path(out, k).name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
-    return mine, [k for k in mine if k not in done]
+    for name in present:  # .part-NNNNNN.parquet.XXXXXXXX.tmp (atomic_path's temporary name)
+        if name.startswith(".part-") and name.endswith(".tmp") and name[6:12].isdigit() and part.owns(int(name[6:12])):
+            (out / name).unlink(missing_ok=True)
+    return mine, sorted(set(mine) - set(done))
 
 
 def _create_or_read(path: Path, wanted: dict) -> dict:

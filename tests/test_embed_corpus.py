@@ -91,6 +91,9 @@ def reference(farm, soundnet8_npz, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "embeddings"
     result = run(embed_cmd(farm, out, soundnet8_npz, "--part-rows", "6", "--workers", "1"))
     assert f"embedded 40 of 40 files with pool5 (256-d) -> {out}" in result.stdout
+    assert re.search(
+        r"^40 files in [\d.]+ s \([\d.]+ files/s\): waiting for decoded audio [\d.]+ s, network", result.stdout, re.M
+    )
     return out
 
 
