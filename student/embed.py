@@ -255,13 +255,8 @@ def embed_command(
             "field_seconds": field.size / model.config.sample_rate,
             "scene": scene,
         }
-        if folder:
-            options = {**metadata, "bf16": bf16, "weights_sha256": weights_digest(model)}
-            mine, todo = open_folder(out, manifest(paths, part_rows, options), slice_, resume)
-            plan = [(part_path(out, k), range(k * part_rows, min((k + 1) * part_rows, len(paths)))) for k in todo]
-            written = [part_path(out, k) for k in mine]
-        else:
-            plan, written = [(out, range(len(paths)))], [out]
+        options = {**metadata, "bf16": bf16, "weights_sha256": weights_digest(model)}
+        plan, written = _plan(out, paths, part_rows, options, slice_, resume)
         todo_paths = [paths[i] for _, rows in plan for i in rows]
         waited = [0.0]
         decoded = zip(todo_paths, (_timed(messages, waited) for messages in decoders.files(todo_paths)))
@@ -279,6 +274,17 @@ def embed_command(
             f"{took - waited[0]:.1f} s"
         )
     _summarise(written, len(plan), layer, width, out, folder and resume)
+
+
+def _plan(
+    out: Path, paths: list[str], part_rows: int, options: dict, slice_: Slice, resume: bool
+) -> tuple[list[tuple[Path, range]], list[Path]]:
+    """The files this run writes, each with the rows of ``paths`` it holds, and all the files of its output."""
+    if not is_folder_output(out):
+        return [(out, range(len(paths)))], [out]
+    mine, todo = open_folder(out, manifest(paths, part_rows, options), slice_, resume)
+    plan = [(part_path(out, k), range(k * part_rows, min((k + 1) * part_rows, len(paths)))) for k in todo]
+    return plan, [part_path(out, k) for k in mine]
 
 
 def _timed(messages: Iterator[Message], waited: list[float]) -> Iterator[Message]:

@@ -173,7 +173,7 @@ def test_ten_minutes_peak_at_the_memory_of_two(soundnet8_npz, ffmpeg_exe, tmp_pa
 @pytest.mark.acceptance
 def test_two_hours_peak_at_most_one_and_a_quarter_times_ten_minutes(soundnet8_npz, ffmpeg_exe, tmp_path):
     """The issue's check: `student embed` with its defaults (decoding workers) on 2 h and 10 min of stereo 44.1 kHz
-    (the 2 h file is the 10 min one looped by stream copy). About 5 minutes on 2 cores."""
+    (the 2 h file is the 10 min one looped by stream copy). About 4.5 minutes on 2 cores."""
     ten = stereo_flac(ffmpeg_exe, tmp_path / "ten.flac", 600, noise=False)
     two_hours = tmp_path / "two-hours.flac"
     loop = [ffmpeg_exe, "-v", "error", "-stream_loop", "11", "-i", str(ten), "-c", "copy", str(two_hours)]

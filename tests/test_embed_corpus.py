@@ -271,7 +271,7 @@ def test_the_readmes_esc10_command_and_classifier(tmp_path):
 
 @pytest.mark.acceptance
 def test_two_thousand_inputs_killed_and_resumed_equal_an_uninterrupted_run(esc50_dir, soundnet8_npz, tmp_path):
-    """The issue's check as stated: the 400 ESC-10 clips under five names each (about 8 minutes on 2 cores)."""
+    """The issue's check as stated: the 400 ESC-10 clips under five names each (7 minutes on 2 busy cores)."""
     listing = symlink_farm(tmp_path / "farm", sorted((esc50_dir / "audio").glob("*.flac")), 5)
     whole = tmp_path / "whole"
     run(embed_cmd(listing, whole, soundnet8_npz, "--scene"))
