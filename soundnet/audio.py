@@ -36,17 +36,14 @@ class DecodedAudio:
         return self.samples.astype(np.float32) / AUDIO_SCALE
 
 
-FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})
-
-
 class AudioStream:
     """The first audio stream of ``container``, decoded to mono int16 at ``rate`` and handed out block by block as
     it decodes: :func:`decode_audio` joins the blocks, ``student embed`` embeds a long file without holding it.
 
-    Iterating raises :class:`DecodeError` for a stream that holds no samples, and for float samples that are NaN or
-    infinite (libswresample would turn them into full-scale DC that looks like sound). A damaged tail ends the
-    blocks early: a truncated download still has a usable start. ``start_s`` (time of the first decoded sample on
-    the container's clock) and ``channels`` are known once the first block is out.
+    Iterating raises :class:`DecodeError` for a stream that holds no samples, and for stored float samples (WAV/CAF
+    ``pcm_f*``) that are NaN or infinite (libswresample would turn them into full-scale DC that looks like sound). A
+    damaged tail ends the blocks early: a truncated download still has a usable start. ``start_s`` (time of the first
+    decoded sample on the container's clock) and ``channels`` are known once the first block is out.
     """
 
     def __init__(self, container: av.container.InputContainer, rate: int = SAMPLE_RATE, threads: int = 0) -> None:
@@ -60,6 +57,7 @@ class AudioStream:
         self.channels = codec.channels or 0
         self.start_s: float | None = None
         self.samples = 0  # handed out so far
+        self._float_pcm = codec.name.startswith("pcm_f")  # stored floats can be NaN or infinite; decoded ones are not
 
     def __iter__(self) -> Iterator[np.ndarray]:
         resampler = av.AudioResampler(format="s16", layout="mono", rate=self.rate)
@@ -69,9 +67,9 @@ class AudioStream:
                     if self.start_s is None:
                         self.start_s = float(frame.time) if frame.time is not None else 0.0
                         self.channels = len(frame.layout.channels)
-                    if frame.format.name in FLOAT_FORMATS and not np.isfinite(frame.to_ndarray()).all():
-                        at = self.samples / self.rate
-                        raise DecodeError("non_finite_samples", f"float samples near {at:.2f} s are NaN or infinite")
+                    if self._float_pcm and not np.isfinite(frame.to_ndarray()).all():
+                        at = f" at {float(frame.time):.2f} s" if frame.time is not None else ""
+                        raise DecodeError("audio_decode_failed", f"float samples are NaN or infinite{at}")
                     yield from self._blocks(resampler.resample(frame))
                 yield from self._blocks(resampler.resample(None))
             except av.error.FFmpegError as exc:

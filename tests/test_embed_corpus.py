@@ -212,7 +212,7 @@ def test_nothing_embedded_is_exit_status_1_with_the_errors_listed(tmp_path, soun
     result = CliRunner().invoke(main, ["embed", *args, "--checkpoint", str(soundnet8_npz), "--out", str(out)])
     assert result.exit_code == 1, result.output
     assert "embedded 0 of 3 files" in result.output and "3 could not be read" in result.output
-    assert result.output.count("non_finite_samples: float samples near 0.") == 2
+    assert result.output.count("audio_decode_failed: float samples are NaN or infinite at 0.") == 2
     assert "Error: no input could be embedded: all 3 files failed" in result.output
     assert pq.read_table(out).column("error").null_count == 0
 
