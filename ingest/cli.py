@@ -85,7 +85,8 @@ def main() -> None:
     default=CLAIM_TIMEOUT_S,
     show_default=True,
     help="Seconds without a heartbeat after which another run's claim on a shard task is taken over "
-    "(a run on this machine whose process is gone is taken over at once).",
+    "(a run on this machine whose process is gone is taken over at once). Recorded in run.json: runs that join "
+    "use the run's value.",
 )
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option(

@@ -93,17 +93,17 @@ def test_a_taken_over_claim_is_not_held_whatever_the_inode(tmp_path) -> None:
 
 def test_a_stuck_run_stops_renewing_its_claims(tmp_path) -> None:
     layout = RunLayout(tmp_path)
-    with Claims(layout, timeout_s=1, stall_s=1.5) as stuck, Claims(layout, timeout_s=1) as other:
+    with Claims(layout, timeout_s=2, stall_s=2) as stuck, Claims(layout, timeout_s=2) as other:
         claim = stuck.claim(0)
-        deadline = time.monotonic() + 10
+        start_time = time.monotonic()
         while 0 in other.live_others():  # renewed while progress is recent, then no more
-            assert time.monotonic() < deadline, "the stuck run kept its claim"
+            assert time.monotonic() < start_time + 20, "the stuck run kept its claim"
             time.sleep(0.1)
-        assert time.monotonic() > deadline - 10 + 2  # no progress for 1.5 s, then stale 1 s later
+        assert time.monotonic() - start_time > 3  # no progress for 2 s, then stale 2 s after the last heartbeat
         taken = other.claim(0)
         assert taken is not None and not claim.held()
         stuck.progress()  # it recovers: it beats again, but only for what it still holds
-        time.sleep(0.5)
+        time.sleep(1)
         assert taken.held()
 
 
