@@ -8,6 +8,7 @@ A worker also exits on its own once the process that started it is gone, so a ki
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
@@ -97,7 +98,9 @@ def _decode(item: VideoInput, config: IngestConfig) -> Decoded:
 def serve(conn: Connection, parent: int) -> None:
     """A decoding worker process: call each ``(fn, arg)`` it is sent and send the result back, until it is sent
     None or its pipe closes. Each worker has a pipe of its own, so the engine knows which input a worker that dies
-    was decoding, and sees the pipe close even when the worker dies halfway through sending a result."""
+    was decoding, and sees the pipe close even when the worker dies halfway through sending a result. Ctrl-C is the
+    engine's to handle (it stops its workers), not each worker's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     init_worker(parent)
     while True:
         try:

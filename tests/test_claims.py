@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,11 +173,23 @@ def ingest_args(listing: Path, out: Path, *extra: str) -> list[str]:
             "--samples-per-shard", "1", *extra, *teacher_args()]  # fmt: skip
 
 
-def start(args: list[str], **env: str) -> subprocess.Popen:
+@pytest.fixture
+def jobs() -> Iterator[list[subprocess.Popen]]:
+    """The `ingest` processes a test starts: killed at its end whatever happened (a stopped one included)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for job in started:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+
+
+def start(jobs: list[subprocess.Popen], args: list[str], **env: str) -> subprocess.Popen:
     """`ingest` in a process of its own (that a test can stop, continue or kill)."""
     cmd = [sys.executable, "-m", "soundnet.ingest", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **env})  # fmt: skip
+    jobs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True, env={**os.environ, **env}))  # fmt: skip
+    return jobs[-1]
 
 
 def ingest_here(args: list[str]) -> Result:
@@ -223,11 +236,13 @@ def check_result(out: Path, listing: Path, sources: list[str]) -> None:
     assert verified.exit_code == 0, verified.output
 
 
-def stopped_in_commit(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path, Path, list[str]]:
+def stopped_in_commit(
+    jobs: list[subprocess.Popen], tmp_path: Path, step: str
+) -> tuple[subprocess.Popen, Path, Path, list[str]]:
     """Run A, stopped inside its commit of task 2 before ``step``, its claims stale (older than the 2 s timeout)."""
     sources = fast_sources()
     listing, out = video_list(tmp_path, sources), tmp_path / "out"
-    a = start(ingest_args(listing, out, "--claim-timeout", "2"), **{STOP_AT_ENV: f"2:{step}"})
+    a = start(jobs, ingest_args(listing, out, "--claim-timeout", "2"), **{STOP_AT_ENV: f"2:{step}"})
     wait_for(lambda: state(a.pid) == "T", f"A stops before the {step} step of task 2", a)
     claim = RunLayout(out).claim_path(2)
     wait_for(lambda: time.time() - claim.stat().st_mtime > 3, "A's claim on task 2 is stale", timeout_s=10)
@@ -235,13 +250,13 @@ def stopped_in_commit(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path
 
 
 @pytest.mark.slow
-def test_a_run_stopped_in_its_commit_while_another_takes_over_and_is_killed(tmp_path) -> None:
+def test_a_run_stopped_in_its_commit_while_another_takes_over_and_is_killed(tmp_path, jobs) -> None:
     """The issue's stall: A stopped after its stats, before its ledger parts; B takes task 2 over, removes A's
     shard and is killed; A continues: it is told, keeps nothing of task 2, and does it again."""
-    a, out, listing, sources = stopped_in_commit(tmp_path, "failures")
+    a, out, listing, sources = stopped_in_commit(jobs, tmp_path, "failures")
     layout = RunLayout(out)
     assert layout.shard_path(2).exists() and layout.stats_path(2).exists()
-    b = start([*ingest_args(listing, out), "--resume"])  # the default --claim-timeout: it takes the run's 2 s
+    b = start(jobs, [*ingest_args(listing, out), "--resume"])  # the default --claim-timeout: it takes the run's 2 s
     wait_for(lambda: not layout.stats_path(2).exists(), "B removes what A wrote of task 2", b)
     os.killpg(b.pid, signal.SIGKILL)
     b.wait()
@@ -254,10 +269,10 @@ def test_a_run_stopped_in_its_commit_while_another_takes_over_and_is_killed(tmp_
 
 
 @pytest.mark.slow
-def test_a_run_stopped_in_its_commit_while_another_finishes_the_run(tmp_path, caplog) -> None:
+def test_a_run_stopped_in_its_commit_while_another_finishes_the_run(tmp_path, caplog, jobs) -> None:
     """B, with another --claim-timeout, takes the run's, takes task 2 over and merges the run; A continues: its
     late index part (over B's) is not counted, it says so and does task 2 again."""
-    a, out, listing, sources = stopped_in_commit(tmp_path, "index")
+    a, out, listing, sources = stopped_in_commit(jobs, tmp_path, "index")
     b = ingest_here([*ingest_args(listing, out), "--resume", "--claim-timeout", "30"])
     assert b.exit_code == 0, b.output
     assert "--claim-timeout 30: using the run's 2 s from run.json" in caplog.text
