@@ -365,6 +365,7 @@ def _run(
         books = _Bookkeeping(claims, view)
         for _ in range(REDO_ROUNDS):
             todo = _write_tasks(runner, tasks, layout, config, claims, books)
+            layout.sweep_temporaries(busy=claims.live_others(), min_age_s=claims.timeout_s)  # of tries that died
             if todo:
                 break
             layout.finalize()
