@@ -93,7 +93,8 @@ def main() -> None:
     default=CLAIM_TIMEOUT_S,
     show_default=True,
     help="Seconds without a heartbeat after which another run's claim on a shard task is taken over "
-    "(a run on this machine whose process is gone is taken over at once).",
+    "(a run on this machine whose process is gone is taken over at once). Recorded in run.json: runs that join "
+    "use the run's value.",
 )
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option(
@@ -243,10 +244,13 @@ def run(
         )
         return
     reasons = ", ".join(f"{r} {n}" for r, n in summary.reasons.items()) or "none"
-    click.echo(
-        f"{summary.inputs} inputs: {summary.samples} samples, {summary.failures} failures ({reasons}); "
-        f"{summary.tasks_run} shard tasks run, {summary.tasks_skipped} already done; "
-        f"{summary.seconds:.1f} s, {summary.videos_per_s:.2f} videos/s"
-    )
+    counts = f"{summary.inputs} inputs: {summary.samples} samples, {summary.failures} failures ({reasons})"
+    if summary.tasks_run == 0:
+        click.echo(f"nothing left to do: the run in {out} is complete ({counts})")
+    else:
+        click.echo(
+            f"{counts}; {summary.tasks_run} shard tasks run, {summary.tasks_skipped} already done; "
+            f"{summary.seconds:.1f} s, {summary.videos_per_s:.2f} videos/s"
+        )
     if summary.samples == 0:
         raise click.ClickException("no input could be made into a sample; see failures.parquet")
