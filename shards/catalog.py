@@ -23,7 +23,7 @@ from soundnet.shards.ledger import BYTE_RANGE_COLUMNS, INDEX_SCHEMA, read_table
 DIGEST_COLUMN = "sha256"
 LEGACY_INDEX_SCHEMA = pa.schema([f for f in INDEX_SCHEMA if f.name not in (DIGEST_COLUMN, *BYTE_RANGE_COLUMNS)])
 """The index as written before checksums: still readable, verified for structure only."""
-INDEX_NAME, MANIFEST_NAME, PARTS_NAME = "index.parquet", "run.json", "parts"
+INDEX_NAME, FAILURES_NAME, MANIFEST_NAME, PARTS_NAME = "index.parquet", "failures.parquet", "run.json", "parts"
 FINISH = "`ingest run --resume` with the run's options finishes it"
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from webdataset import tariterators
 
 from soundnet.shards import remote
-from soundnet.shards.catalog import DIGEST_COLUMN, INDEX_NAME, MANIFEST_NAME, PARTS_NAME, read_index
+from soundnet.shards.catalog import DIGEST_COLUMN, FAILURES_NAME, INDEX_NAME, MANIFEST_NAME, PARTS_NAME, read_index
 from soundnet.shards.ledger import Kind, RunLayout, read_table, to_table
 from soundnet.shards.reader import data_follows, scan_shard
 from soundnet.shards.schema import META_MEMBER, decode_sample, member_digests, validate_sample
@@ -63,7 +63,7 @@ class RunFiles:
         return path
 
     def ledger(self, kind: Kind) -> str:
-        return self.url(INDEX_NAME if kind == "index" else "failures.parquet")
+        return self.url(INDEX_NAME if kind == "index" else FAILURES_NAME)
 
     def shards(self, index_rows: list[dict[str, Any]]) -> tuple[list[str], str | None]:
         """The run's shard files in task order, and a note when they could not be listed (those the index names and
@@ -84,12 +84,11 @@ class RunFiles:
         found = sorted(self.layout.out_dir.glob(".*.tmp")) + sorted(self.layout.parts_dir.glob(".*.tmp"))
         return [p.name for p in found]
 
-    def index_parts(self, kind: Kind) -> list[str] | None:
+    def ledger_parts(self, kind: Kind) -> list[str] | None:
         """The ledger parts of the finished tasks of a run not finalized yet; None where they cannot be listed."""
         if self.layout is not None:
             return [str(self.layout.part_paths(t)[0 if kind == "index" else 1]) for t in self.layout.completed_tasks()]
-        listed = remote.listing(self.url(PARTS_NAME), f"shard-*.{kind}.parquet")
-        return listed
+        return remote.listing(self.url(PARTS_NAME), f"shard-*.{kind}.parquet")
 
     def not_a_run_message(self) -> str | None:
         """Why the folder is not a run folder at all (a typo, the wrong folder), or None."""
@@ -111,11 +110,11 @@ def run_ledger(files: RunFiles, kind: Kind) -> tuple[pa.Table, bool, str]:
     path = files.ledger(kind)
     if remote.exists(path):
         return *read_ledger(path, kind), remote.name(path)
-    parts = files.index_parts(kind)
+    parts = files.ledger_parts(kind)
     if parts is None:
         raise ValueError(f"{path} does not exist (run not finalized?) and the parts of {files.where} cannot be listed")
     tables = [read_ledger(p, kind) for p in parts]
-    table = pa.concat_tables([t for t, _ in tables]) if tables else to_table([], kind)
+    table = pa.concat_tables([t for t, _ in tables], promote_options="default") if tables else to_table([], kind)
     return table, all(has for _, has in tables), f"{len(parts)} parts (run not finalized)"
 
 
