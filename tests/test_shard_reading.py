@@ -74,13 +74,23 @@ def test_student_train_names_and_skips_samples_changed_after_writing(tmp_path: P
     assert json.loads((tmp_path / "trusted" / "summary.json").read_text())["skipped"] == 0  # trained on the changes
 
 
-def test_shards_without_digests_are_read_as_before_with_a_note(tmp_path: Path, caplog) -> None:
-    urls = write_shards(tmp_path, [["a", "b"]])  # shards alone, no index beside them
+def test_shards_without_digests_are_read_as_before_with_a_note(tmp_path: Path, real_clips) -> None:
+    urls = write_shards(tmp_path / "bare", [["a", "b"]])  # shards alone, no index beside them
     shards = scan_shards(urls)
     assert shards.notes == [
-        f"no index.parquet beside the shards in {tmp_path}: their samples' digests cannot be checked"
+        f"no index.parquet beside the shards in {tmp_path / 'bare'}: their samples' digests cannot be checked"
     ]
-    assert [shards.recorded(i) for i in range(2)] == [None, None] and len(Clips(shards, PAPER)[0]["broken"]) == 0
+    assert [shards.recorded(i) for i in range(2)] == [None, None] and Clips(shards, PAPER)[0]["broken"] == []
+
+    layout, samples = make_real_run(tmp_path / "run", real_clips)  # a run written before checksums
+    pq.write_table(pq.read_table(layout.index_path).drop_columns(["sha256", "offset", "size"]), layout.index_path)
+    flip_audio_byte(layout.shard_path(0), samples[0].key)
+    shards = scan_shards(reader.expand_shards(layout.out_dir))
+    assert shards.notes == [
+        f"{layout.index_path} records no sha256 digests (a run written before checksums): its samples are read "
+        "without digest checks"
+    ]
+    assert len(shards) == 4 and Clips(shards, PAPER)[0]["broken"] == []  # trained as before
 
 
 def test_an_index_written_before_byte_ranges_still_verifies_and_checks_digests(tmp_path: Path, real_clips) -> None:
