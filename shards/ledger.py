@@ -34,8 +34,15 @@ INDEX_SCHEMA = pa.schema(
         pa.field("frames", pa.int32(), nullable=False),
         pa.field("audio_seconds", pa.float64(), nullable=False),
         pa.field("sha256", pa.map_(pa.string(), pa.string()), nullable=False),  # member -> digest at write time
+        # The sample's bytes [offset, offset + size) in its shard, tar headers included: one ranged read fetches it.
+        # Null in rows merged from parts written before byte ranges were recorded.
+        pa.field("offset", pa.int64()),
+        pa.field("size", pa.int64()),
     ]
 )
+BYTE_RANGE_COLUMNS = ("offset", "size")
+INDEX_SCHEMA_BEFORE_BYTE_RANGES = pa.schema([f for f in INDEX_SCHEMA if f.name not in BYTE_RANGE_COLUMNS])
+"""The index as written before byte ranges were recorded: still read (and merged) as an index."""
 FAILURE_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),
@@ -92,6 +99,8 @@ def write_table(
 def read_table(path: str | os.PathLike, kind: Kind | None = None) -> pa.Table:
     """Read a ledger; with ``kind``, raise ValueError unless its columns and types are the ledger schema."""
     table = pq.read_table(path)
+    if kind == "index" and table.schema.equals(INDEX_SCHEMA_BEFORE_BYTE_RANGES, check_metadata=False):
+        return table
     if kind is not None and not table.schema.equals(_schema(kind), check_metadata=False):
         raise ValueError(f"{path}: not a {kind} ledger; schema is\n{table.schema}")
     return table
@@ -101,7 +110,7 @@ def merge_parts(part_paths: Iterable[str | os.PathLike], out_path: str | os.Path
     """Concatenate ledger parts, in the order given, into one ledger written atomically."""
     schema = _schema(kind)
     tables = [read_table(p, kind).replace_schema_metadata(None) for p in part_paths]  # parts' attempts stay there
-    merged = pa.concat_tables(tables) if tables else schema.empty_table()
+    merged = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
     with atomic_path(out_path) as tmp:
         pq.write_table(merged, tmp)
     return Path(out_path)

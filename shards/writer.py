@@ -21,7 +21,8 @@ class ShardWriter:
     deleted if the block raises, so a shard that exists is always complete. Every sample is validated before
     it is written, so a shard never holds a sample the student would choke on. ``index_rows`` holds the ledger
     rows for the samples written, ready for ``RunLayout.write_parts``, each with the sha256 of every member as
-    written (``shards verify`` recomputes them from the tar). ``place`` puts the complete file under its name
+    written (``shards verify`` recomputes them from the tar) and the sample's byte range in the shard (a reader
+    of remote shards fetches it with one ranged request). ``place`` puts the complete file under its name
     (see :func:`~soundnet.shards.atomic.atomic_path`).
     """
 
@@ -72,6 +73,7 @@ class ShardWriter:
         if problems:
             raise ValueError(f"sample {sample.key!r} not written to {self.path.name}: " + "; ".join(problems))
         raw = encode_sample(sample)
+        offset = self._tar.tarstream.offset
         size = self._tar.write(raw)
         self._keys.add(sample.key)
         self.count += 1
@@ -86,6 +88,8 @@ class ShardWriter:
                 "frames": sample.frames,
                 "audio_seconds": sample.audio_seconds,
                 "sha256": member_digests(raw),
+                "offset": offset,
+                "size": self._tar.tarstream.offset - offset,
             }
         )
         return size

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from soundnet.student.data import READ_ORDERS
 from soundnet.student.loss import KL_NORMS
 from soundnet.student.model import ARCHITECTURES, SoundNet
 from soundnet.student.train import NonFiniteLoss, OutputError, TrainConfig, train
@@ -72,7 +73,8 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     "--shards",
     required=True,
     multiple=True,
-    help="Training shards: a brace pattern, glob, directory or path; repeatable.",
+    help="Training shards: a brace pattern, glob, directory or path, or the same as a URL (https://, s3://, any "
+    "fsspec URL; a run folder URL is read through its index.parquet); repeatable.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), default=_TRAIN.arch, show_default=True)
@@ -132,6 +134,32 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     "--exclude-mismatched",
     is_flag=True,
     help="Leave out shards whose teachers differ from the set most shards have, instead of refusing the run.",
+)
+@click.option(
+    "--verify-digests/--no-verify-digests",
+    default=_TRAIN.verify_digests,
+    show_default=True,
+    help="Check every sample against the sha256 its run's index records; a changed one is skipped and counted.",
+)
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="Train on a run that was never finished (no index.parquet: `ingest run --resume` finishes it).",
+)
+@click.option(
+    "--read-order",
+    type=click.Choice(READ_ORDERS),
+    default=_TRAIN.read_order,
+    show_default=True,
+    help="sample: each clip read on its own (any order); shard: a few shards at a time, clips read in runs "
+    "(far fewer requests to object storage). Both are exact on resume.",
+)
+@click.option(
+    "--open-shards",
+    type=click.IntRange(min=1),
+    default=_TRAIN.open_shards,
+    show_default=True,
+    help="With --read-order shard: shards mixed at once; each batch takes runs of batch/N clips.",
 )
 def train_command(shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...], compile_: bool, **options) -> None:
     """Distil the teachers stored in the shards into a SoundNet; runs under torchrun for several GPUs or machines."""

@@ -74,6 +74,10 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     exclude_mismatched: bool = False  # leave out shards with another teacher set instead of refusing
+    verify_digests: bool = True  # check each sample against the sha256 its run's index records
+    allow_unfinished: bool = False  # train on a run whose ledgers were never merged instead of refusing
+    read_order: str = "sample"  # "sample" (one ranged read per clip) or "shard" (see student.data.pass_order)
+    open_shards: int = 8  # with read_order "shard": shards read at once
 
 
 class NonFiniteLoss(RuntimeError):
@@ -102,6 +106,7 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
     loader = make_loader(
         clips, cfg.batch_size, seed=cfg.seed, start=start, steps=cfg.steps, workers=cfg.workers,
         rank=where.rank, world_size=where.world_size, pin_memory=where.device.type == "cuda",
+        read_order=cfg.read_order, open_shards=cfg.open_shards,
     )  # fmt: skip
     window = Window(cfg, where, shards.kinds, broken, last_saved=start if start else None, data=_data_id(cfg, shards))
     metrics = _open_metrics(out / "metrics.jsonl", keep_until=start) if where.is_main else None
@@ -161,18 +166,26 @@ def _prepare_out(out: Path) -> None:
 
 def _scan(cfg: TrainConfig, warn) -> tuple[ShardSet, ShardSet | None]:
     """Index the training (and held-out) shards, checking they share one teacher set and clip layout."""
-    shards = scan_shards(expand_shards(cfg.shards), exclude_mismatched=cfg.exclude_mismatched)
+    options = dict(exclude_mismatched=cfg.exclude_mismatched, allow_unfinished=cfg.allow_unfinished)
+    shards = scan_shards(expand_shards(cfg.shards), **options)
     held_out = None
     if cfg.val_shards:
         held_out = scan_shards(
-            expand_shards(cfg.val_shards), heads=shards.heads, layout=shards.layout,
-            exclude_mismatched=cfg.exclude_mismatched, kinds=shards.kinds,
-        )  # fmt: skip
+            expand_shards(cfg.val_shards), heads=shards.heads, layout=shards.layout, kinds=shards.kinds, **options
+        )
     for found in (shards, held_out):
         for url, why in (found.excluded if found else {}).items():
             warn("left out %s (--exclude-mismatched): %s, not the run's teachers %s", url, why, shards.heads)
         for url, damage in (found.damaged if found else {}).items():
             warn("damaged shard %s: %s; its complete samples are used", url, damage)
+        for url, which in (found.duplicates if found else {}).items():
+            warn("shard %s: %s", url, which)
+        for what in found.warnings if found else []:
+            warn("%s", what)
+        for note in found.notes if found else []:
+            warn("note: %s", note)
+    if not cfg.verify_digests:
+        warn("note: --no-verify-digests: samples are not checked against their recorded sha256 digests")
     return shards, held_out
 
 
@@ -191,8 +204,9 @@ def _build(
         )  # fmt: skip
     held_out = None
     if held_out_shards is not None:
-        held_out = HeldOut(Clips(held_out_shards, alignment), cfg.batch_size, where.rank, where.world_size)
-    return model.to(where.device), Clips(shards, alignment), held_out
+        held_out_clips = Clips(held_out_shards, alignment, cfg.verify_digests)
+        held_out = HeldOut(held_out_clips, cfg.batch_size, where.rank, where.world_size)
+    return model.to(where.device), Clips(shards, alignment, cfg.verify_digests), held_out
 
 
 def _resume(
@@ -262,8 +276,12 @@ def _announce(cfg: TrainConfig, model: SoundNet, shards: ShardSet, where: Dist, 
 
 
 def _data_id(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
-    """What fixes the data order: the seed, the shards and their sample counts."""
-    return {"seed": cfg.seed, "shards": [[Path(u).name, len(s)] for u, s in zip(shards.urls, shards.spans)]}
+    """What fixes the data order: the seed, the shards and their sample counts, and a read order other than the
+    default."""
+    found = {"seed": cfg.seed, "shards": [[Path(u).name, len(s)] for u, s in zip(shards.urls, shards.spans)]}
+    if cfg.read_order != "sample":
+        found["read_order"] = [cfg.read_order, cfg.open_shards]
+    return found
 
 
 # ---- the loop's helpers --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from soundnet.audio import read_audio
 from soundnet.shards.cli import main
 from soundnet.shards.ledger import RunLayout, merge_parts, read_table, write_table
-from soundnet.shards.reader import expand_shards, iter_samples, scan_shard, tar_samples
+from soundnet.shards.reader import SampleSpan, expand_shards, iter_samples, read_raw, scan_shard, tar_samples
 from soundnet.shards.schema import (
     SAMPLE_RATE,
     Sample,
@@ -334,13 +334,13 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert [r["key"] for r in writer.index_rows] == [s.key for s in samples]
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         names = tar.getnames()
+        members = [info for info in tar.getmembers() if info.name.startswith(samples[1].key + ".")]
         written = {  # the digest of each member's bytes as they lie in the tar, computed here independently
-            name.split(".", 1)[1]: hashlib.sha256(tar.extractfile(name).read()).hexdigest()
-            for name in names
-            if name.startswith(samples[1].key + ".")
+            info.name.split(".", 1)[1]: hashlib.sha256(tar.extractfile(info).read()).hexdigest() for info in members
         }
     assert f"{samples[0].key}.audio.npy" in names and f"{samples[0].key}.places.npy" in names
     assert sorted(written) == ["audio.npy", "imagenet.npy", "json", "places.npy"]
+    start, last = members[0].offset, members[-1]
     assert writer.index_rows[1] == {
         "key": samples[1].key,
         "shard": "shard-000000.tar",
@@ -349,7 +349,11 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
         "frames": 2,
         "audio_seconds": 1.5,
         "sha256": written,
+        "offset": start,  # the sample's byte range, headers and padding included: one ranged read fetches it
+        "size": last.offset_data + -(-last.size // 512) * 512 - start,
     }
+    span = SampleSpan(samples[1].key, start, start + writer.index_rows[1]["size"])
+    assert_same(decode_sample(read_raw(str(tmp_path / "shard-000000.tar"), span)), samples[1])
 
     read = list(iter_samples(tmp_path / "shard-000000.tar"))
     assert len(read) == len(samples)
@@ -483,6 +487,8 @@ def test_ledger_round_trip_zero_and_many_rows(tmp_path: Path) -> None:
             "frames": i % 4 + 1,
             "audio_seconds": 20.0,
             "sha256": {"audio.npy": f"{i:064x}", "json": f"{i + 1:064x}"},
+            "offset": 2048 * i,
+            "size": 2048,
         }
         for i in range(500)
     ]
@@ -770,7 +776,7 @@ def test_verify_notes_the_same_video_under_two_names(tmp_path: Path, real_clips)
 
 def test_verify_and_info_on_a_run_written_before_checksums(tmp_path: Path) -> None:
     layout, samples = make_run(tmp_path / "run")
-    legacy = pq.read_table(layout.index_path).drop_columns(["sha256"])
+    legacy = pq.read_table(layout.index_path).drop_columns(["sha256", "offset", "size"])  # as written back then
     pq.write_table(legacy, layout.index_path)
     result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
     assert result.exit_code == 0, result.output + result.stderr

@@ -338,19 +338,19 @@ def test_damaged_shards_read_the_same_with_any_number_of_workers(tmp_path: Path)
 
 # ---- the order: a function of (seed, step) -------------------------------------------------------------------
 def test_each_step_s_batch_is_a_function_of_seed_and_step() -> None:
-    whole = list(StepBatches(10, 3, seed=7, start=0, steps=8))
-    assert list(StepBatches(10, 3, seed=7, start=5, steps=8)) == whole[5:]  # a resumed run reads the same
-    assert list(StepBatches(10, 3, seed=8, start=0, steps=8)) != whole
+    whole = list(StepBatches([10], 3, seed=7, start=0, steps=8))
+    assert list(StepBatches([10], 3, seed=7, start=5, steps=8)) == whole[5:]  # a resumed run reads the same
+    assert list(StepBatches([10], 3, seed=8, start=0, steps=8)) != whole
     flat = [i for batch in whole for i in batch]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # passes
     assert flat[:10] != list(range(10))  # shuffled
 
 
 def test_ranks_take_disjoint_parts_of_each_step_s_global_batch() -> None:
-    ranks = [list(StepBatches(12, 2, seed=0, start=0, steps=3, rank=r, world_size=3)) for r in range(3)]
+    ranks = [list(StepBatches([12], 2, seed=0, start=0, steps=3, rank=r, world_size=3)) for r in range(3)]
     for step in range(3):
         assert sorted(i for r in ranks for i in r[step]) == sorted(
-            list(StepBatches(12, 6, seed=0, start=0, steps=3))[step]
+            list(StepBatches([12], 6, seed=0, start=0, steps=3))[step]
         )
     assert sorted(i for r in ranks for b in r[:2] for i in b) == list(range(12))
 
