@@ -18,7 +18,8 @@ import pytest
 from soundnet import media
 from soundnet.ingest.decode import decode_clip
 from soundnet.ingest.inputs import InputListError, read_video_list
-from soundnet.media import DecodeError, UrlPolicy, open_media, retry_after_s
+from soundnet.media import DecodeError, UrlPolicy, open_media
+from soundnet.retry import retry_after_s
 from soundnet.shards.schema import make_key
 from tests.conftest import shared_path
 from tests.loopback_servers import VideoHandler, video_server

@@ -141,19 +141,25 @@ def test_a_larger_file_is_refused_without_being_kept_whole(sound8_bytes, home, t
 
 
 def test_an_interrupted_download_is_retried_and_leaves_nothing(sound8_npy, home, tmp_path, monkeypatch):
+    """Transient failures are tried again as URL inputs are (soundnet.retry): jittered waits doubling from 1 s, or
+    the server's Retry-After."""
     waits: list[float] = []
-    monkeypatch.setattr("soundnet.weights.time.sleep", waits.append)
+    monkeypatch.setattr("soundnet.retry.time.sleep", waits.append)
     with serving(sound8_npy, tmp_path / "served", cut=99) as (url, server):
         monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", url)
         with pytest.raises(WeightsUnavailable, match=r"after 28,714,528 of 57,429,057 bytes \(3 tries\)"):
             resolve("soundnet8")
-        assert requests(server) == 3 and waits == [1, 2]
+        assert requests(server) == 3
+        assert len(waits) == 2 and 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2
     assert cache_files(home) == []  # the partial download is gone and nothing was converted
 
-    with serving(sound8_npy, tmp_path / "served", cut=2) as (url, server):  # drops twice, the third try succeeds
+    waits.clear()
+    with serving(sound8_npy, tmp_path / "served", cut=1) as (url, server):  # a 503, a drop, then the whole file
+        server.script["/sound8.npy"] = [(503, {"Retry-After": "0"})]
         monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", url)
         cached = resolve("soundnet8")
-        assert requests(server) == 3
+        assert statuses(server, "/sound8.npy") == [503, 200, 200]
+        assert waits[0] == 0 and 1 <= waits[1] <= 2  # the server asked for no wait
     assert cache_files(home) == ["soundnet8.json", "soundnet8.safetensors"]
     reference = import_soundnet8(sound8_npy).state_dict()
     for key, tensor in load_checkpoint(cached).state_dict().items():
