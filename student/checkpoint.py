@@ -192,7 +192,10 @@ def load_safetensors(path: str | os.PathLike) -> SoundNet:
             )
         text = source.read_text(encoding="utf-8")
     try:
-        model = SoundNet(ModelConfig(**json.loads(text)))
+        config = ModelConfig(**json.loads(text))
+        with torch.device("meta"):  # the shapes first: a config of huge heads takes no memory before it is refused
+            SoundNet(config).load_state_dict({k: v.to("meta") for k, v in state.items()}, strict=True)
+        model = SoundNet(config)
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as exc:
         message = " ".join(str(exc).split())  # load_state_dict lists each mismatch on a line of its own

@@ -5,6 +5,7 @@ downloads, the offline message, a malicious pickle, files that are no model, and
 from __future__ import annotations
 
 import copyreg
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 
 import soundnet
 from soundnet.evaluate.cli import main as evaluate_cli
-from soundnet.student.checkpoint import load_checkpoint, save_checkpoint
+from soundnet.student.checkpoint import SAFETENSORS_CONFIG, load_checkpoint, save_checkpoint
 from soundnet.student.cli import main as student_cli
 from soundnet.student.model import ModelConfig, build_model
 from soundnet.student.soundnet_import import UnsafePickle, import_soundnet8, read_pickled_npy
@@ -393,3 +394,28 @@ def test_export_writes_safetensors_and_json_that_round_trip(released_home, sound
 
     result = CliRunner().invoke(student_cli, ["export", "soundnet8", "--out", str(tmp_path / "m.pt")])
     assert result.exit_code == 1 and "must end in .safetensors" in result.output
+
+
+def test_a_safetensors_config_that_does_not_fit_is_refused_before_the_network_is_built(tmp_path):
+    """A config naming a huge head beside small weights is refused on their shapes alone: the 1 GiB the head would
+    take is never allocated (measured in a fresh process), and the error is one line."""
+    model = build_model(ModelConfig(arch="soundnet5", heads={"birds": 7}))
+    config = {**dataclasses.asdict(model.config), "heads": {"birds": 65536}}  # 65536 x 256 x 16 float32: 1 GiB
+    path = tmp_path / "birds.safetensors"
+    save_file(model.state_dict(), path, metadata={"format": "pt", SAFETENSORS_CONFIG: json.dumps(config)})
+    code = (
+        "import resource, sys\n"
+        "from soundnet.student.checkpoint import load_checkpoint\n"
+        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+        "before = peak()\n"
+        "try:\n"
+        f"    load_checkpoint({str(path)!r})\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+        "print(peak() - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message, grown_mb = done.stdout.splitlines()
+    assert message.startswith(f"{path}: weights and config (from birds.safetensors) do not match: ")
+    assert "size mismatch for heads.birds.weight" in message
+    assert int(grown_mb) < 256
