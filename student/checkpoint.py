@@ -1,10 +1,12 @@
 """Checkpoint format shared by training, weight import and evaluation, and every model file a user may hold.
 
 A checkpoint is a plain dict saved with ``torch.save`` that loads with ``torch.load(..., weights_only=True)``:
-``{"format": "soundnet-checkpoint", "version": 2, "config": {...}, "model": state_dict, ...}``; training adds
+``{"format": "soundnet-checkpoint", "version": 3, "config": {...}, "model": state_dict, ...}``; training adds
 ``optimizer``, ``step``, ``rng``, ``broken`` (the broken samples met so far) and ``data`` (what fixes the data
 order: seed, shards, sample counts) entries. Version 2 added the input convention to the config (``sample_rate``,
 ``input_scale``); a version 1 checkpoint has the released model's convention (22050 Hz, x256), the defaults.
+Version 3 added ``head_kinds`` (embedding heads); a version 2 checkpoint's heads are all posteriors. A new config
+field means a new version, so an older release refuses the file by its version rather than on the field.
 
 :func:`load_checkpoint` also reads the released ``soundnet8.npz`` and ``sound8.npy`` and ``.safetensors`` files
 (:func:`save_safetensors`: the weights, with the model config in the file's metadata and in a JSON file beside it,
@@ -32,8 +34,8 @@ from soundnet.student.model import ModelConfig, SoundNet
 from soundnet.student.soundnet_import import NPY_MAGIC, ZIP_MAGIC, import_soundnet8, npy_dtype
 
 FORMAT = "soundnet-checkpoint"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ACCEPTED = (
     "a checkpoint (student train, student import-soundnet), the released soundnet8.npz or sound8.npy, "
     "or .safetensors with its config (student export)"
