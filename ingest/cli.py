@@ -154,7 +154,8 @@ def main() -> None:
     default=MAX_DOWNLOAD_MB,
     show_default=True,
     help="An http(s) video from a server without byte ranges is downloaded to a temporary file (in $TMPDIR, "
-    "removed after decoding), if no larger than this; servers with ranges are streamed.",
+    "removed after decoding), if no larger than this; servers with ranges are streamed. Per decoding worker: each "
+    "holds at most one download at a time, so $TMPDIR (often in RAM) may need --workers times this.",
 )
 def run(
     videos,

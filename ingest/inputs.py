@@ -1,6 +1,7 @@
 """The video list: one video file, a folder, a text file of paths, or a CSV/Parquet table with a ``path`` column
-(optional ``id``), on this machine or at a URL fsspec opens (``s3://bucket/list.parquet``, a folder
-``s3://bucket/videos/``); the videos listed are paths, http(s) URLs or such URLs.
+(optional ``id``), on this machine, at an http(s) URL (fetched with the retries of URL inputs, at most
+:data:`MAX_LIST_MB`) or at a URL fsspec opens (``s3://bucket/list.parquet``, a folder ``s3://bucket/videos/``); the
+videos listed are paths, http(s) URLs or such URLs.
 
 Every listed input keeps its ``source`` string exactly as written (that is what the ledgers record), gets a stable
 shard key derived from that string (or its ``id``), and a list position that fixes which shard task it belongs to.
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import http.client
 import io
 import logging
 import os
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,7 +25,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from soundnet.media import is_remote, signature_of, url_protocol
+from soundnet.media import is_remote, is_url, signature_of, url_protocol
+from soundnet.retry import USER_AGENT, UrlFailure, UrlPolicy, url_failure, with_retries
 from soundnet.shards.schema import make_key
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ VIDEO_EXTENSIONS = (
 )  # fmt: skip
 _HELP = "give a video file, a folder of videos, a UTF-8 text list (one path or URL per line), or a CSV/Parquet list"
 _INSTALL = "pip install 'soundnet-distill[s3]' for s3:// (gcsfs for gs://, adlfs for az://)"
+MAX_LIST_MB = 1024
+"""The largest list read from an http(s) URL (it is held in memory): two million URLs are about 200 MB."""
 
 
 @dataclass(frozen=True)
@@ -154,17 +160,54 @@ def _require(protocol: str, what: str) -> None:
         raise InputListError(f"--videos {what} {protocol}:// URLs cannot be read here ({exc}); {_INSTALL}") from None
 
 
-def _remote_entries(url: str) -> list[tuple[str, str | None]]:
-    """The entries of a list file, a folder (every video under the prefix) or one video at ``url``, read with
-    fsspec; credentials come from the filesystem's standard places (for S3: the AWS variables and profiles)."""
+def _http_list(url: str, policy: UrlPolicy) -> bytes:
+    """The bytes of a list file at an http(s) URL, tried again after transient failures as URL inputs are, and
+    refused beyond :data:`MAX_LIST_MB`."""
+    limit = MAX_LIST_MB * 2**20
+    too_large = UrlFailure(
+        "too_large", f"the list is over {MAX_LIST_MB:g} MB, the most read from a URL: copy it here, or split it", False
+    )
+
+    def one_try() -> bytes:
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        chunks, size = [], 0
+        try:
+            with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+                length = response.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > limit:
+                    raise too_large
+                while chunk := response.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:  # no Content-Length, or one that lied
+                        raise too_large
+                    chunks.append(chunk)
+        except (http.client.HTTPException, OSError) as exc:
+            raise url_failure(exc, policy) from exc
+        if length.isdigit() and size < int(length):
+            raise UrlFailure("connection_failed", f"the answer broke off after {size} of {length} bytes", True)
+        return b"".join(chunks)
+
+    try:
+        return with_retries(policy, one_try)
+    except UrlFailure as failed:
+        tries = f" after {failed.tried()}" if failed.tries > 1 else ""
+        raise InputListError(f"--videos {url}: {failed.what}{tries}") from None
+
+
+def _remote_entries(url: str, policy: UrlPolicy) -> list[tuple[str, str | None]]:
+    """The entries of a list file, a folder (every video under the prefix) or one video at ``url``: fetched per
+    ``policy`` from an http(s) server, else read with fsspec, whose credentials come from the filesystem's standard
+    places (for S3: the AWS variables and profiles)."""
     if _suffix(url) in VIDEO_EXTENSIONS:
         return [(url, None)]  # one video: read when it is decoded
+    if is_url(url):
+        return _from_list_file(_http_list(url, policy), url)
     _require(url_protocol(url), f"{url}:")
     import fsspec
 
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        if url_protocol(url) not in ("http", "https") and fs.isdir(path):  # an http "folder" is a page's links
+        if fs.isdir(path):
             found = (p for p in fs.find(path) if Path(p).suffix.lower() in VIDEO_EXTENSIONS)
             return [(fs.unstrip_protocol(p), None) for p in sorted(found)]
         data = fs.cat_file(path)
@@ -188,10 +231,11 @@ def _identity(source: str) -> str:
     return source if is_remote(source) else os.path.realpath(source)
 
 
-def read_video_list(spec: str | Path) -> list[VideoInput]:
-    """All inputs named by ``spec``, in a deterministic order, each with its key (duplicates marked)."""
+def read_video_list(spec: str | Path, url: UrlPolicy | None = None) -> list[VideoInput]:
+    """All inputs named by ``spec``, in a deterministic order, each with its key (duplicates marked); a list at an
+    http(s) URL is fetched per ``url`` (default: :class:`UrlPolicy`'s defaults)."""
     spec = str(spec)
-    entries = _remote_entries(spec) if is_remote(spec) else _local_entries(Path(spec))
+    entries = _remote_entries(spec, url or UrlPolicy()) if is_remote(spec) else _local_entries(Path(spec))
     _check_protocols(entries, spec)
     if not entries:
         raise InputListError(f"--videos {spec}: lists no videos")

@@ -292,7 +292,7 @@ def run_ingest(
     from soundnet.teachers import parse_specs
 
     start = time.perf_counter()
-    inputs = read_video_list(videos)
+    inputs = read_video_list(videos, config.url)
     specs = parse_specs(teacher_specs, check_weights=engine == "local" or ray_address is None)
     layout = RunLayout(out)
     _check_writable(layout.out_dir)

@@ -15,57 +15,39 @@ objects, which seek with ranged reads; credentials and endpoint come from the fi
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles).
 
 Transient failures (connection errors, timeouts, 429, 5xx, an answer cut short) are retried with exponential
-backoff per :class:`UrlPolicy`; what still fails becomes a ledger row: ``http_error`` with the status, ``timeout``
-naming the seconds, ``connection_failed``, ``too_large``, ``not_found`` for a missing object, or ``io_error`` when
-this machine cannot keep a download (not retried).
+backoff per :class:`~soundnet.retry.UrlPolicy` (the rules of :mod:`soundnet.retry`); what still fails becomes a
+ledger row: ``http_error`` with the status, ``timeout`` naming the seconds, ``connection_failed``, ``too_large``,
+``not_found`` for a missing object, or ``io_error`` when this machine cannot keep a download (not retried).
 """
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import os
-import random
 import re
-import ssl
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import IO, TypeVar
 
 import av
 
-URL_RETRIES = 3
-URL_TIMEOUT_S = 30.0
-MAX_DOWNLOAD_MB = 2048.0
+from soundnet.retry import (  # noqa: F401 (MAX_DOWNLOAD_MB, URL_RETRIES, URL_TIMEOUT_S: ingest's option defaults)
+    MAX_DOWNLOAD_MB,
+    URL_RETRIES,
+    URL_TIMEOUT_S,
+    USER_AGENT,
+    UrlFailure,
+    UrlPolicy,
+    url_failure,
+    with_retries,
+)
+
 REMOTE_BLOCK_BYTES = 4 * 2**20  # one ranged read of an fsspec file: a video's first seconds in one or two
 DOWNLOAD_CHUNK_BYTES = 2**20
-USER_AGENT = f"soundnet-distill/{version('soundnet-distill')}"
-
-
-@dataclass(frozen=True)
-class UrlPolicy:
-    """How http(s) sources are fetched. Retries are bounded: a server that never answers costs at most
-    ``(retries + 1) x timeout_s`` plus the waits (about two minutes with the defaults), then it is a failure row."""
-
-    retries: int = URL_RETRIES  # further tries after a transient failure
-    timeout_s: float = URL_TIMEOUT_S  # per request: to connect, and for each wait for data
-    backoff_s: float = 1.0  # the first wait; it doubles with every retry
-    max_wait_s: float = 30.0  # no single wait is longer, a server's Retry-After included
-    max_download_mb: float = MAX_DOWNLOAD_MB  # a file from a server without byte ranges is downloaded, up to this
-
-    def wait_s(self, retry: int, retry_after_s: float | None) -> float:
-        """Seconds before retry number ``retry`` (1, 2, ...): the server's Retry-After, else jittered backoff."""
-        if retry_after_s is not None:
-            return min(retry_after_s, self.max_wait_s)
-        return min(self.backoff_s * 2 ** (retry - 1), self.max_wait_s) * random.uniform(0.5, 1.0)
-
 
 URL_POLICY = UrlPolicy()
 """What :func:`open_media` uses unless told otherwise."""
@@ -128,28 +110,6 @@ def is_remote(source: str) -> bool:
     return url_protocol(source) is not None
 
 
-def retry_after_s(value: str | None) -> float | None:
-    """The wait a ``Retry-After`` header asks for (seconds, or an HTTP date), or None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time()) if when.tzinfo is not None else None
-
-
-class _Attempt(Exception):
-    """One failed try at a URL: what happened, and whether another try may succeed."""
-
-    def __init__(self, reason: str, what: str, transient: bool, retry_after: float | None = None) -> None:
-        super().__init__(what)
-        self.reason, self.what, self.transient, self.retry_after = reason, what, transient, retry_after
-
-
 def _probe(url: str, policy: UrlPolicy, files: ExitStack) -> IO[bytes] | None:
     """GET the first byte of ``url`` (redirects followed). None when the server answers the range, so FFmpeg can
     stream the file and seek in it; from a server that answers with the whole file instead, that file, downloaded
@@ -159,27 +119,19 @@ def _probe(url: str, policy: UrlPolicy, files: ExitStack) -> IO[bytes] | None:
         with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
             return None if response.status == 206 else _download(response, policy, files)
     except urllib.error.HTTPError as exc:
-        exc.close()
         if exc.code == 416:  # no byte 0 to give
-            raise _Attempt("empty", f"the server has no bytes (HTTP 416 {exc.reason})", False) from exc
-        transient = exc.code in (408, 429) or exc.code >= 500
-        wait = retry_after_s(exc.headers.get("Retry-After"))
-        raise _Attempt("http_error", f"HTTP {exc.code} {exc.reason}", transient, wait) from exc
-    except (TimeoutError, urllib.error.URLError) as exc:
-        cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(cause, TimeoutError):
-            raise _Attempt("timeout", f"no answer within {policy.timeout_s:g} s", True) from exc
-        transient = not isinstance(cause, (ssl.SSLError, ValueError))  # a bad certificate stays bad
-        raise _Attempt("connection_failed", f"cannot connect ({cause})", transient) from exc
-    except (http.client.HTTPException, OSError) as exc:  # a reset, a malformed answer, a download cut short
-        raise _Attempt("connection_failed", f"connection failed ({type(exc).__name__}: {exc})", True) from exc
+            exc.close()
+            raise UrlFailure("empty", f"the server has no bytes (HTTP 416 {exc.reason})", False) from exc
+        raise url_failure(exc, policy) from exc
+    except (http.client.HTTPException, OSError) as exc:  # no connection, a reset, a malformed answer, a stall
+        raise url_failure(exc, policy) from exc
 
 
 def _download(response: http.client.HTTPResponse, policy: UrlPolicy, files: ExitStack) -> IO[bytes]:
     """The body of ``response`` in a temporary file without a name (removed when ``files`` closes it or when the
     process ends, however it ends), refused beyond ``policy.max_download_mb``."""
     limit = policy.max_download_mb * 2**20
-    too_large = _Attempt(
+    too_large = UrlFailure(
         "too_large",
         "the server does not support range requests and the file is larger than "
         f"--max-download-mb {policy.max_download_mb:g}",
@@ -201,16 +153,16 @@ def _download(response: http.client.HTTPResponse, policy: UrlPolicy, files: Exit
         except OSError as exc:
             raise _not_kept(exc) from exc
     if expected is not None and file.tell() < expected:
-        raise _Attempt("connection_failed", f"the answer broke off after {file.tell()} of {expected} bytes", True)
+        raise UrlFailure("connection_failed", f"the answer broke off after {file.tell()} of {expected} bytes", True)
     file.seek(0)
     return file
 
 
-def _not_kept(exc: OSError) -> _Attempt:
+def _not_kept(exc: OSError) -> UrlFailure:
     """A download this machine cannot keep (no space, no temporary folder): its own failure, not the server's, and
     not worth fetching again."""
     where = tempfile.gettempdir()
-    return _Attempt(
+    return UrlFailure(
         "io_error", f"cannot keep the download in {where} ({exc.strerror or exc}): free space or set TMPDIR", False
     )
 
@@ -221,13 +173,13 @@ def _ffmpeg_open(url: str, policy: UrlPolicy) -> av.container.InputContainer:
     try:
         return av.open(url, metadata_errors="replace", timeout=policy.timeout_s, options=options)
     except av.error.HTTPServerError as exc:
-        raise _Attempt("http_error", f"{exc} (FFmpeg)", True) from exc
+        raise UrlFailure("http_error", f"{exc} (FFmpeg)", True) from exc
     except (av.error.HTTPError, av.error.HTTPClientError) as exc:
-        raise _Attempt("http_error", f"{exc} (FFmpeg)", False) from exc
+        raise UrlFailure("http_error", f"{exc} (FFmpeg)", False) from exc
     except av.error.ExitError as exc:  # PyAV's timeout interrupts FFmpeg, which calls it an exit request
-        raise _Attempt("timeout", f"no data within {policy.timeout_s:g} s", True) from exc
+        raise UrlFailure("timeout", f"no data within {policy.timeout_s:g} s", True) from exc
     except (ConnectionError, TimeoutError) as exc:
-        raise _Attempt("connection_failed", f"connection failed ({exc})", True) from exc
+        raise UrlFailure("connection_failed", f"connection failed ({exc})", True) from exc
 
 
 def _open_http(url: str, policy: UrlPolicy, files: ExitStack) -> av.container.InputContainer:
@@ -246,18 +198,18 @@ def _open_fsspec(url: str, files: ExitStack) -> av.container.InputContainer:
         fs, path = fsspec.core.url_to_fs(url)
         file = fs.open(path, "rb", block_size=REMOTE_BLOCK_BYTES)
     except (ImportError, ValueError) as exc:  # fsspec: "Install s3fs to access S3", "Protocol not known"
-        raise _Attempt("open_failed", f"{exc} (pip install 'soundnet-distill[s3]' for s3://)", False) from exc
+        raise UrlFailure("open_failed", f"{exc} (pip install 'soundnet-distill[s3]' for s3://)", False) from exc
     except FileNotFoundError as exc:
-        raise _Attempt("not_found", f"no such object ({exc})", False) from exc
+        raise UrlFailure("not_found", f"no such object ({exc})", False) from exc
     except PermissionError as exc:
-        raise _Attempt("access_denied", f"access denied ({exc}): check the credentials", False) from exc
+        raise UrlFailure("access_denied", f"access denied ({exc}): check the credentials", False) from exc
     except TimeoutError as exc:
-        raise _Attempt("timeout", f"no answer ({exc})", True) from exc
+        raise UrlFailure("timeout", f"no answer ({exc})", True) from exc
     except OSError as exc:
-        raise _Attempt("connection_failed", f"cannot read ({type(exc).__name__}: {exc})", True) from exc
+        raise UrlFailure("connection_failed", f"cannot read ({type(exc).__name__}: {exc})", True) from exc
     files.enter_context(file)
     if file.size == 0:
-        raise _Attempt("empty", "the object is empty (0 bytes)", False)
+        raise UrlFailure("empty", "the object is empty (0 bytes)", False)
     return av.open(file, metadata_errors="replace")
 
 
@@ -267,19 +219,17 @@ T = TypeVar("T")
 def _with_retries(url: str, policy: UrlPolicy, attempt: Callable[[ExitStack], T], files: ExitStack) -> T:
     """``attempt(its_files)``, tried again after each transient failure while ``policy`` allows, then a
     DecodeError. What a failed try opened is closed at once; a successful one's files join ``files``."""
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            with ExitStack() as its_files:
-                result = attempt(its_files)
-                files.push(its_files.pop_all())
-                return result
-        except _Attempt as failed:
-            if not failed.transient or tries > policy.retries:
-                count = f"{tries} {'try' if tries == 1 else 'tries'}"
-                raise DecodeError(failed.reason, f"{url}: {failed.what} after {count}") from failed.__cause__
-            time.sleep(policy.wait_s(tries, failed.retry_after))
+
+    def one_try() -> T:
+        with ExitStack() as its_files:
+            result = attempt(its_files)
+            files.push(its_files.pop_all())
+            return result
+
+    try:
+        return with_retries(policy, one_try)
+    except UrlFailure as failed:
+        raise DecodeError(failed.reason, f"{url}: {failed.what} after {failed.tried()}") from failed.__cause__
 
 
 def _check_file(source: str) -> None:

@@ -1,7 +1,8 @@
 """Released weights by name: ``soundnet.load_model("soundnet8")``, ``--checkpoint soundnet8`` in every command.
 
-The first use of a name downloads the release file from its pinned URLs, each in turn (``$SOUNDNET_WEIGHTS_URL``,
-one URL or several separated by spaces, replaces them: a mirror, or a loopback server in tests), checks its sha256,
+The first use of a name downloads the release file from its pinned URLs, each in turn and each tried again after
+a transient failure as URL inputs are (:mod:`soundnet.retry`; ``$SOUNDNET_WEIGHTS_URL``, one URL or several
+separated by spaces, replaces them: a mirror, or a loopback server in tests), checks its sha256,
 converts it and keeps the converted weights as ``NAME.safetensors`` (with ``NAME.json``) in ``$SOUNDNET_HOME/weights``
 (default ``~/.cache/soundnet/weights``). Later uses read that file and need no network.
 
@@ -15,6 +16,7 @@ converts it and keeps the converted weights as ``NAME.safetensors`` (with ``NAME
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import logging
@@ -24,12 +26,12 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 from tqdm import tqdm
 
 from soundnet.digest import sha256_file
+from soundnet.retry import USER_AGENT, UrlFailure, UrlPolicy, url_failure, with_retries
 from soundnet.student.checkpoint import ACCEPTED, OutputError, save_safetensors
 from soundnet.student.soundnet_import import import_soundnet8
 
@@ -37,8 +39,7 @@ log = logging.getLogger(__name__)
 
 URL_ENV = "SOUNDNET_WEIGHTS_URL"
 HOME_ENV = "SOUNDNET_HOME"
-TIMEOUT_S = 30.0  # to connect, and for each wait for data
-RETRIES = 2  # further tries of one URL after a transient failure (connection lost, 5xx), waiting 1 s, then 2 s
+POLICY = UrlPolicy(retries=2, timeout_s=30.0)  # each URL: 3 tries, about 1 s then 2 s apart (or as Retry-After asks)
 STALE_S = 600  # a temporary download untouched this long belongs to a process that died
 MODEL_HELP = (
     "A released model's name (soundnet8: downloaded once into $SOUNDNET_HOME) or a model file: a checkpoint "
@@ -73,14 +74,6 @@ RELEASES = {
 
 class WeightsUnavailable(OSError):
     """Released weights that could not be had: every URL failed, or a file put by hand has the wrong digest."""
-
-
-class _Failure(Exception):
-    """One failed try at a URL; ``transient`` when another try may succeed."""
-
-    def __init__(self, what: str, transient: bool) -> None:
-        super().__init__(what)
-        self.transient = transient
 
 
 def soundnet_home() -> Path:
@@ -164,18 +157,11 @@ def _download(release: Release, dest: Path, by_hand: Path) -> None:
     urls = os.environ.get(URL_ENV, "").split() or list(release.urls)
     failures = []
     for url in urls:
-        for attempt in range(RETRIES + 1):
-            log.info("%s: downloading %s from %s", release.name, release.filename, url)
-            try:
-                _download_once(url, release, dest)
-                return
-            except _Failure as failure:
-                if not failure.transient or attempt == RETRIES:
-                    tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
-                    failures.append(f"{url}: {failure} ({tries})")
-                    break
-                log.warning("%s: %s; trying again in %d s", url, failure, 2**attempt)
-                time.sleep(2**attempt)
+        try:
+            with_retries(POLICY, functools.partial(_download_once, url, release, dest), functools.partial(_warn, url))
+            return
+        except UrlFailure as failure:
+            failures.append(f"{url}: {failure.what} ({failure.tried()})")
     raise WeightsUnavailable(
         f"cannot download the {release.name} weights ({'; '.join(failures)}); nothing was kept. Without a network, "
         f"get {release.filename} (sha256 {release.sha256}) from {' or '.join(urls)} and put it at {by_hand}, or "
@@ -183,14 +169,22 @@ def _download(release: Release, dest: Path, by_hand: Path) -> None:
     )
 
 
+def _warn(url: str, failure: UrlFailure, wait_s: float) -> None:
+    log.warning("%s: %s; trying again in %.1f s", url, failure.what, wait_s)
+
+
 def _download_once(url: str, release: Release, dest: Path) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": f"soundnet-distill/{version('soundnet-distill')}"})
+    """One try at ``url``: its body into ``dest``, or a :class:`UrlFailure` (the release's size and digest, or the
+    transfer's rules of :mod:`soundnet.retry`)."""
+    log.info("%s: downloading %s from %s", release.name, release.filename, url)
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     digest, received = hashlib.sha256(), 0
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(dest, "wb") as out:
+        with urllib.request.urlopen(request, timeout=POLICY.timeout_s) as response, open(dest, "wb") as out:
             expected = int(response.headers.get("Content-Length") or release.size)
             if expected != release.size:  # another file: not worth the bandwidth or the disk
-                raise _Failure(f"serves {expected:,} bytes, not the {release.size:,} of {release.filename}", False)
+                wrong = f"serves {expected:,} bytes, not the {release.size:,} of {release.filename}"
+                raise UrlFailure("wrong_file", wrong, False)
             progress = tqdm(
                 total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=release.filename, leave=False
             )
@@ -201,15 +195,15 @@ def _download_once(url: str, release: Release, dest: Path) -> None:
                     received += len(block)
                     progress.update(len(block))
                     if received > release.size:  # a body longer than announced, or never announced
-                        raise _Failure(f"serves more than the {release.size:,} bytes of {release.filename}", False)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise _Failure(f"HTTP {exc.code} {exc.reason}", exc.code in (408, 429) or exc.code >= 500) from None
-    except urllib.error.URLError as exc:
-        raise _Failure(f"cannot connect ({exc.reason})", True) from None
+                        longer = f"serves more than the {release.size:,} bytes of {release.filename}"
+                        raise UrlFailure("wrong_file", longer, False)
+    except urllib.error.URLError as exc:  # an HTTP status, or no connection (other OSErrors are this machine's)
+        raise url_failure(exc, POLICY) from None
     except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:  # a reset, a stall, a body cut short
-        raise _Failure(f"connection lost after {received:,} bytes ({type(exc).__name__}: {exc})", True) from None
+        lost = f"connection lost after {received:,} bytes ({type(exc).__name__}: {exc})"
+        raise UrlFailure("connection_failed", lost, True) from None
     if received != expected:
-        raise _Failure(f"connection closed after {received:,} of {expected:,} bytes", True)
+        raise UrlFailure("connection_failed", f"connection closed after {received:,} of {expected:,} bytes", True)
     if digest.hexdigest() != release.sha256:
-        raise _Failure(f"served {received:,} bytes with sha256 {digest.hexdigest()}, not {release.sha256}", False)
+        wrong = f"served {received:,} bytes with sha256 {digest.hexdigest()}, not {release.sha256}"
+        raise UrlFailure("wrong_file", wrong, False)

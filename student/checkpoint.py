@@ -1,10 +1,12 @@
 """Checkpoint format shared by training, weight import and evaluation, and every model file a user may hold.
 
 A checkpoint is a plain dict saved with ``torch.save`` that loads with ``torch.load(..., weights_only=True)``:
-``{"format": "soundnet-checkpoint", "version": 2, "config": {...}, "model": state_dict, ...}``; training adds
+``{"format": "soundnet-checkpoint", "version": 3, "config": {...}, "model": state_dict, ...}``; training adds
 ``optimizer``, ``step``, ``rng``, ``broken`` (the broken samples met so far) and ``data`` (what fixes the data
 order: seed, shards, sample counts) entries. Version 2 added the input convention to the config (``sample_rate``,
 ``input_scale``); a version 1 checkpoint has the released model's convention (22050 Hz, x256), the defaults.
+Version 3 added ``head_kinds`` (embedding heads); a version 2 checkpoint's heads are all posteriors. A new config
+field means a new version, so an older release refuses the file by its version rather than on the field.
 
 :func:`load_checkpoint` also reads the released ``soundnet8.npz`` and ``sound8.npy`` and ``.safetensors`` files
 (:func:`save_safetensors`: the weights, with the model config in the file's metadata and in a JSON file beside it,
@@ -32,8 +34,8 @@ from soundnet.student.model import ModelConfig, SoundNet
 from soundnet.student.soundnet_import import NPY_MAGIC, ZIP_MAGIC, import_soundnet8, npy_dtype
 
 FORMAT = "soundnet-checkpoint"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ACCEPTED = (
     "a checkpoint (student train, student import-soundnet), the released soundnet8.npz or sound8.npy, "
     "or .safetensors with its config (student export)"
@@ -192,7 +194,10 @@ def load_safetensors(path: str | os.PathLike) -> SoundNet:
             )
         text = source.read_text(encoding="utf-8")
     try:
-        model = SoundNet(ModelConfig(**json.loads(text)))
+        config = ModelConfig(**json.loads(text))
+        with torch.device("meta"):  # the shapes first: a config of huge heads takes no memory before it is refused
+            SoundNet(config).load_state_dict({k: v.to("meta") for k, v in state.items()}, strict=True)
+        model = SoundNet(config)
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as exc:
         message = " ".join(str(exc).split())  # load_state_dict lists each mismatch on a line of its own

@@ -156,6 +156,7 @@ class LoadedModel:
     weights_url: str | None  # for torchvision weight names
     kind: str = POSTERIOR  # or EMBEDDING: the model outputs a feature, no classes
     embedding_dim: int = 0
+    pretrained_name: str | None = None  # timm's MODEL.TAG, for weights timm fetched by that name
 
     @property
     def dim(self) -> int:

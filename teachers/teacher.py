@@ -114,7 +114,8 @@ class Teacher:
         meta = {
             "name": self.name,
             "arch": self.arch,
-            "weights": self.weights or self._loaded.weights_url,  # a timm tag without WEIGHTS: where timm got it
+            # a timm tag without WEIGHTS: where timm got it, else the tag's name (a config may have no URL)
+            "weights": self.weights or self._loaded.weights_url or self._loaded.pretrained_name,
             "sha256": self.weights_sha256,
             "weights_url": self._loaded.weights_url,
             "kind": self.kind,

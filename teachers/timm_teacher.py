@@ -105,7 +105,7 @@ def build(arch: str, weights: Path | str, device: torch.device) -> LoadedModel:
         model = timm.create_model(model_name, pretrained=False)
         state = _fit_classifier(model, _read(weights, timm), kind, arch, weights)
         load_strict(model, state, arch, weights)
-        sha256, url = sha256_file(weights), None
+        sha256, url, name = sha256_file(weights), None, None
     else:
         try:  # timm fetches the weights through huggingface_hub into its cache
             model = timm.create_model(weights, pretrained=True, **({"num_classes": 0} if kind == EMBEDDING else {}))
@@ -114,14 +114,16 @@ def build(arch: str, weights: Path | str, device: torch.device) -> LoadedModel:
                 f"teacher arch {arch!r}: timm could not fetch pretrained weights {weights!r} "
                 f"({type(exc).__name__}: {exc}); offline, give WEIGHTS, a local file"
             ) from exc
-        sha256, url = _state_digest(model), _source_url(model.pretrained_cfg)
+        sha256, url, name = _state_digest(model), _source_url(model.pretrained_cfg), weights
     preprocessing = _preprocessing(timm, model, arch)
     if kind == EMBEDDING:
         dim = getattr(model, "head_hidden_size", None) or model.num_features
-        loaded = LoadedModel(model, (), "none", preprocessing, sha256, url, kind=EMBEDDING, embedding_dim=dim)
+        loaded = LoadedModel(
+            model, (), "none", preprocessing, sha256, url, kind=EMBEDDING, embedding_dim=dim, pretrained_name=name
+        )
     else:
         classes, source = _class_names(timm, model)
-        loaded = LoadedModel(model, classes, source, preprocessing, sha256, url)
+        loaded = LoadedModel(model, classes, source, preprocessing, sha256, url, pretrained_name=name)
     ready(model, device)
     return loaded
 

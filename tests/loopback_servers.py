@@ -1,5 +1,5 @@
-"""Servers on 127.0.0.1 that tests fetch inputs from: static web servers with and without byte ranges (with
-scripted failures), and an S3 server (moto's server mode)."""
+"""Servers on 127.0.0.1 that tests fetch inputs and weights from: static web servers with and without byte ranges
+(with scripted failures and bodies cut short), and an S3 server (moto's server mode)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -22,11 +23,15 @@ import pytest
 class VideoHandler(http.server.SimpleHTTPRequestHandler):
     """Static files. With ``ranges``, byte ranges as real web servers serve video (MP4s with a trailing index need
     seeks); without, always the whole file with 200, as a plain ``http.server`` and many dynamic endpoints do. Each
-    path's ``script`` of (status, headers) replies is answered first; ``requests`` records (path, time, status)."""
+    path's ``script`` of (status, headers) replies is answered first; ``requests`` records (path, time, status).
+    The first ``cut`` bodies sent stop halfway and the connection drops (their Content-Length announced the whole);
+    without ``announce``, no Content-Length is sent and a body ends when the connection closes."""
 
     ranges = True
     script: dict[str, list[tuple[int, dict[str, str]]]] = {}
     requests: list[tuple[str, float, int]] = []
+    cut = 0
+    announce = True
 
     def log_message(self, *args) -> None:
         pass
@@ -34,6 +39,19 @@ class VideoHandler(http.server.SimpleHTTPRequestHandler):
     def send_response(self, code: int, message: str | None = None) -> None:
         self.requests.append((self.path, time.monotonic(), code))
         super().send_response(code, message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if self.announce or keyword != "Content-Length":
+            super().send_header(keyword, value)
+
+    def copyfile(self, source, outputfile) -> None:
+        if type(self).cut > 0:
+            type(self).cut -= 1
+            data = source.read()
+            outputfile.write(data[: len(data) // 2])
+            self.connection.shutdown(socket.SHUT_RDWR)  # gone mid-body, as a dropped connection is
+            return
+        super().copyfile(source, outputfile)
 
     def send_head(self):
         replies = self.script.get(self.path)
@@ -67,9 +85,13 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def video_server(directory: Path, ranges: bool = True) -> Iterator[tuple[str, type[VideoHandler]]]:
-    """(base URL, handler class) of a fresh server over ``directory``; set the class's ``script`` to make it fail."""
-    handler = type("Handler", (VideoHandler,), {"ranges": ranges, "script": {}, "requests": []})
+def video_server(
+    directory: Path, ranges: bool = True, cut: int = 0, announce: bool = True
+) -> Iterator[tuple[str, type[VideoHandler]]]:
+    """(base URL, handler class) of a fresh server over ``directory`` (options: :class:`VideoHandler`); set the
+    class's ``script`` to make it fail."""
+    attributes = {"ranges": ranges, "script": {}, "requests": [], "cut": cut, "announce": announce}
+    handler = type("Handler", (VideoHandler,), attributes)
     server = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

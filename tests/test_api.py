@@ -31,16 +31,25 @@ def clip(esc50_dir) -> np.ndarray:
     return read_audio(esc50_dir / "audio" / CLIP).as_float()
 
 
-def test_load_model_takes_checkpoints_v1_v2_and_the_released_npz(model, soundnet8_checkpoint, tmp_path, clip):
-    v2 = soundnet.load_model(soundnet8_checkpoint)
+def test_load_model_takes_checkpoints_v1_v2_v3_and_the_released_npz(model, soundnet8_checkpoint, tmp_path, clip):
+    """Version 3 added head_kinds to the config (a release reading (1, 2) refuses it by its version), version 2 the
+    input convention; older files load with the defaults."""
+    v3 = soundnet.load_model(soundnet8_checkpoint)
     payload = read_checkpoint(soundnet8_checkpoint)
+    posteriors = {"imagenet": "posterior", "places": "posterior"}
+    assert payload["version"] == 3 and payload["config"]["head_kinds"] == posteriors
+    payload["version"] = 2
+    del payload["config"]["head_kinds"]
+    torch.save(payload, tmp_path / "v2.ckpt")
+    v2 = soundnet.load_model(tmp_path / "v2.ckpt")
     payload["version"] = 1
     for key in ("sample_rate", "input_scale"):
         del payload["config"][key]
     torch.save(payload, tmp_path / "v1.ckpt")
     v1 = soundnet.load_model(tmp_path / "v1.ckpt")
     reference, _ = soundnet.embed(model, clip, SAMPLE_RATE)
-    for loaded in (v1, v2):
+    for loaded in (v1, v2, v3):
+        assert loaded.config.head_kinds == posteriors
         assert not loaded.training and loaded.config.sample_rate == SAMPLE_RATE
         np.testing.assert_allclose(soundnet.embed(loaded, clip, SAMPLE_RATE)[0], reference, atol=1e-5)
     assert not model.training and model.config.sample_rate == SAMPLE_RATE

@@ -16,12 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from soundnet import media
+from soundnet.ingest import inputs
 from soundnet.ingest.decode import decode_clip
 from soundnet.ingest.inputs import InputListError, read_video_list
-from soundnet.media import DecodeError, UrlPolicy, open_media, retry_after_s
+from soundnet.media import DecodeError, UrlPolicy, open_media
+from soundnet.retry import retry_after_s
 from soundnet.shards.schema import make_key
 from tests.conftest import shared_path
-from tests.loopback_servers import VideoHandler, video_server
+from tests.loopback_servers import VideoHandler, statuses, video_server
 from tests.test_ingest import ingest
 
 FAST = UrlPolicy(retries=3, timeout_s=5.0, backoff_s=0.05)
@@ -135,6 +137,29 @@ def test_ingest_run_flaky_missing_and_respelled(server, tmp_path) -> None:
     assert [(f["source"], f["reason"]) for f in failures] == [(sources[1], "http_error"), (dotted, "duplicate")]
     assert failures[0]["message"] == f"{sources[1]}: HTTP 404 File not found after 1 try"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".part"))]  # streamed, nothing partial
+
+
+def test_a_list_at_a_url_is_fetched_with_retries_and_a_size_limit(tmp_path, monkeypatch) -> None:
+    """A list file on a flaky server: tried again as URL inputs are; a 404 is named; a list over the limit is refused
+    whether its size is announced or only counted as it comes."""
+    sources = [f"https://videos.example/{i}.mp4" for i in range(3)]
+    (tmp_path / "list.txt").write_text("".join(f"{s}\n" for s in sources))
+    for announce in (True, False):
+        with video_server(tmp_path, ranges=False, announce=announce) as (base, handler):
+            handler.script["/list.txt"] = [(503, {"Retry-After": "0"})] * 2
+            assert [i.source for i in read_video_list(f"{base}/list.txt")] == sources
+            assert statuses(handler, "/list.txt") == [503, 503, 200]
+            with pytest.raises(InputListError) as err:
+                read_video_list(f"{base}/gone.txt")
+            assert str(err.value) == f"--videos {base}/gone.txt: HTTP 404 File not found"
+            monkeypatch.setattr(inputs, "MAX_LIST_MB", 50 / 2**20)  # 50 bytes: the list has 90
+            with pytest.raises(InputListError) as err:
+                read_video_list(f"{base}/list.txt")
+            monkeypatch.undo()
+        assert str(err.value) == (
+            f"--videos {base}/list.txt: the list is over {50 / 2**20:g} MB, the most read from a URL: copy it here, "
+            "or split it"
+        )
 
 
 def test_one_video_file_is_one_input() -> None:

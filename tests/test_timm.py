@@ -5,6 +5,7 @@ audio embedding."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -22,8 +23,9 @@ from soundnet.audio import read_audio
 from soundnet.ingest.cli import main as ingest_main
 from soundnet.ingest.decode import decode_clip
 from soundnet.shards.cli import main as shards_main
+from soundnet.shards.contract import SAMPLE_RATE
 from soundnet.shards.reader import expand_shards, iter_samples
-from soundnet.shards.schema import validate_sample
+from soundnet.shards.schema import Sample, validate_sample
 from soundnet.student.checkpoint import read_checkpoint
 from soundnet.student.data import Clips, model_alignment, scan_shards, to_device
 from soundnet.student.loss import COSINE_WEIGHT, KL_WEIGHT, distill_loss
@@ -185,6 +187,27 @@ def test_a_pretrained_tag_is_fetched_through_the_hugging_face_cache(vit_weights:
     assert torch.allclose(teacher.outputs([frame]), same.outputs([frame]), atol=1e-6)
     with pytest.raises(ValueError, match="could not fetch pretrained weights.*give WEIGHTS, a local file"):
         load_teacher(f"x=timm:{VIT}.augreg_in21k")  # not in the cache, and offline
+
+
+def test_a_pretrained_tag_whose_config_has_no_url_is_recorded_by_its_name(vit_weights: Path, monkeypatch) -> None:
+    """A timm pretrained config may name neither a hub repository nor a URL (here: weights from a file, the tag
+    'local'): the shard records the tag's name as the teacher's weights, and the schema accepts its samples."""
+    from timm.models import _registry
+
+    name = f"{VIT}.local"
+    config = dataclasses.replace(
+        timm.models.get_pretrained_cfg(VIT), tag="local", hf_hub_id=None, url=None, file=str(vit_weights),
+        custom_load=False,  # timm's own loader for the file, not the JAX .npz one
+    )  # fmt: skip
+    for key in (VIT, name):  # the default tag, and its name
+        monkeypatch.setitem(_registry._model_pretrained_cfgs, key, config)
+    teacher = load_teacher(f"clip=timm-embed:{VIT}")
+    meta = teacher.metadata()
+    assert (meta["weights"], meta["weights_url"]) == (name, None)
+    rows = teacher.outputs([np.full((256, 256, 3), 128, np.uint8)]).numpy().astype(np.float16)
+    sample_meta = {"source": "a.mp4", "duration_s": 5.0, "frame_times_s": [2.5], "teachers": {"clip": meta},
+                   "tool_version": "t"}  # fmt: skip
+    assert validate_sample(Sample("a", np.zeros(SAMPLE_RATE, np.int16), {"clip": rows}, sample_meta)) == []
 
 
 def test_timm_is_imported_only_for_timm_teachers_and_its_absence_names_the_extra(tmp_path: Path, monkeypatch) -> None:

@@ -5,14 +5,13 @@ downloads, the offline message, a malicious pickle, files that are no model, and
 from __future__ import annotations
 
 import copyreg
-import http.server
+import dataclasses
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,62 +25,34 @@ from safetensors.torch import save_file
 
 import soundnet
 from soundnet.evaluate.cli import main as evaluate_cli
-from soundnet.student.checkpoint import load_checkpoint, save_checkpoint
+from soundnet.student.checkpoint import SAFETENSORS_CONFIG, load_checkpoint, save_checkpoint
 from soundnet.student.cli import main as student_cli
 from soundnet.student.model import ModelConfig, build_model
 from soundnet.student.soundnet_import import UnsafePickle, import_soundnet8, read_pickled_npy
 from soundnet.weights import RELEASES, WeightsUnavailable, resolve
+from tests.loopback_servers import VideoHandler, statuses, video_server
 
 BIN = Path(sys.executable).parent  # the console scripts of this environment, as a user runs them
 RELEASE = RELEASES["soundnet8"]
 CLIPS = ("1-100032-A-0.flac", "1-17367-A-10.flac")  # a dog, rain
 
 
-class WeightsServer(http.server.ThreadingHTTPServer):
-    """Serves ``payload`` at any path on a loopback port; the first ``cut`` answers stop after 1 MiB of the body and
-    close the connection (the announced Content-Length is always the whole payload; none with ``announce=False``)."""
-
-    def __init__(self, payload: bytes, cut: int = 0, announce: bool = True) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.payload, self.cut, self.announce, self.requests = payload, cut, announce, 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/sound8.npy"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: WeightsServer
-
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-        self.server.requests += 1
-        body = self.server.payload
-        self.send_response(200)
-        if self.server.announce:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.server.requests <= self.server.cut:
-            self.wfile.write(body[: 1 << 20])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)  # gone mid-body, as a dropped connection is
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @contextmanager
-def serving(payload: bytes, cut: int = 0, announce: bool = True) -> Iterator[WeightsServer]:
-    server = WeightsServer(payload, cut, announce)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def serving(payload: bytes | Path, folder: Path, **options) -> Iterator[tuple[str, type[VideoHandler]]]:
+    """(URL, handler) of a loopback server of ``payload`` as ``sound8.npy`` (options: :func:`video_server`)."""
+    folder.mkdir(exist_ok=True)
+    served = folder / "sound8.npy"
+    served.unlink(missing_ok=True)
+    if isinstance(payload, Path):
+        served.symlink_to(payload)
+    else:
+        served.write_bytes(payload)
+    with video_server(folder, ranges=False, **options) as (base, handler):
+        yield f"{base}/sound8.npy", handler
+
+
+def requests(handler: type[VideoHandler]) -> int:
+    return len(statuses(handler, "/sound8.npy"))
 
 
 def closed_port_url() -> str:
@@ -122,18 +93,18 @@ def home(tmp_path, monkeypatch) -> Path:
 # ---- weights by name -------------------------------------------------------------------------------------------
 
 
-def test_student_embed_by_name_downloads_once_then_offline(sound8_bytes, esc50_dir, soundnet8_npz, home, tmp_path):
+def test_student_embed_by_name_downloads_once_then_offline(sound8_npy, esc50_dir, soundnet8_npz, home, tmp_path):
     clips = [str(esc50_dir / "audio" / name) for name in CLIPS]
-    with serving(sound8_bytes) as server:
+    with serving(sound8_npy, tmp_path / "served") as (url, server):
         first = student("embed", *clips, "--checkpoint", "soundnet8", "--scene", "--out", str(tmp_path / "a.parquet"),
-                        home=home, url=server.url)  # fmt: skip
+                        home=home, url=url)  # fmt: skip
         assert first.returncode == 0, first.stderr[-3000:]
-        assert server.requests == 1
+        assert requests(server) == 1
     assert "sound8.npy" in first.stderr and "54.8M" in first.stderr  # the progress bar of the 57 MB download
     assert cache_files(home) == ["soundnet8.json", "soundnet8.safetensors"]  # no download left over
 
     second = student("embed", *clips, "--checkpoint", "soundnet8", "--scene", "--out", str(tmp_path / "b.parquet"),
-                     home=home, url=server.url)  # fmt: skip
+                     home=home, url=url)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]  # the server is gone: the cache alone serves
     assert "downloading" not in second.stderr
     args = ["embed", *clips, "--checkpoint", str(soundnet8_npz), "--scene", "--out", str(tmp_path / "c.parquet")]
@@ -146,44 +117,50 @@ def test_student_embed_by_name_downloads_once_then_offline(sound8_bytes, esc50_d
     assert json.loads(pq.read_schema(tmp_path / "b.parquet").metadata[b"soundnet"])["checkpoint"] == "soundnet8"
 
 
-def test_a_wrong_digest_is_refused_and_nothing_is_kept(sound8_bytes, home):
+def test_a_wrong_digest_is_refused_and_nothing_is_kept(sound8_bytes, home, tmp_path, monkeypatch):
     tampered = bytearray(sound8_bytes)
     tampered[len(tampered) // 2] ^= 1
-    with serving(bytes(tampered)) as server, pytest.MonkeyPatch.context() as env:
-        env.setenv("SOUNDNET_WEIGHTS_URL", server.url)
+    with serving(bytes(tampered), tmp_path / "served") as (url, server):
+        monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", url)
         with pytest.raises(WeightsUnavailable, match=f"sha256 [0-9a-f]{{64}}, not {RELEASE.sha256}") as error:
             resolve("soundnet8")
-        assert server.requests == 1  # a wrong file is not fetched again
-    assert f"{server.url}: served 57,429,057 bytes" in str(error.value) and "nothing was kept" in str(error.value)
+        assert requests(server) == 1  # a wrong file is not fetched again
+    assert f"{url}: served 57,429,057 bytes" in str(error.value) and "nothing was kept" in str(error.value)
     assert cache_files(home) == []
 
 
-def test_a_larger_file_is_refused_without_being_kept_whole(sound8_bytes, home, monkeypatch):
+def test_a_larger_file_is_refused_without_being_kept_whole(sound8_bytes, home, tmp_path, monkeypatch):
     """A mirror serving another file (or a server streaming without end) costs neither the bandwidth nor the disk:
     the announced size is refused before the body, an unannounced one once it passes the release's size."""
     for announce, message in ((True, "serves 58,477,633 bytes, not the 57,429,057"), (False, "serves more than")):
-        with serving(sound8_bytes + bytes(1 << 20), announce=announce) as server:
-            monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", server.url)
-            with pytest.raises(WeightsUnavailable, match=f"{server.url}: {message}.*\\(1 try\\)"):
+        with serving(sound8_bytes + bytes(1 << 20), tmp_path / "served", announce=announce) as (url, server):
+            monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", url)
+            with pytest.raises(WeightsUnavailable, match=f"{url}: {message}.*\\(1 try\\)"):
                 resolve("soundnet8")
-            assert server.requests == 1
+            assert requests(server) == 1
         assert cache_files(home) == []
 
 
-def test_an_interrupted_download_is_retried_and_leaves_nothing(sound8_bytes, sound8_npy, home, monkeypatch):
+def test_an_interrupted_download_is_retried_and_leaves_nothing(sound8_npy, home, tmp_path, monkeypatch):
+    """Transient failures are tried again as URL inputs are (soundnet.retry): jittered waits doubling from 1 s, or
+    the server's Retry-After."""
     waits: list[float] = []
-    monkeypatch.setattr("soundnet.weights.time.sleep", waits.append)
-    with serving(sound8_bytes, cut=99) as server:
-        monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", server.url)
-        with pytest.raises(WeightsUnavailable, match=r"after 1,048,576 of 57,429,057 bytes \(3 tries\)"):
+    monkeypatch.setattr("soundnet.retry.time.sleep", waits.append)
+    with serving(sound8_npy, tmp_path / "served", cut=99) as (url, server):
+        monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", url)
+        with pytest.raises(WeightsUnavailable, match=r"after 28,714,528 of 57,429,057 bytes \(3 tries\)"):
             resolve("soundnet8")
-        assert server.requests == 3 and waits == [1, 2]
+        assert requests(server) == 3
+        assert len(waits) == 2 and 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2
     assert cache_files(home) == []  # the partial download is gone and nothing was converted
 
-    with serving(sound8_bytes, cut=2) as server:  # the connection drops twice, the third try succeeds
-        monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", server.url)
+    waits.clear()
+    with serving(sound8_npy, tmp_path / "served", cut=1) as (url, server):  # a 503, a drop, then the whole file
+        server.script["/sound8.npy"] = [(503, {"Retry-After": "0"})]
+        monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", url)
         cached = resolve("soundnet8")
-        assert server.requests == 3
+        assert statuses(server, "/sound8.npy") == [503, 200, 200]
+        assert waits[0] == 0 and 1 <= waits[1] <= 2  # the server asked for no wait
     assert cache_files(home) == ["soundnet8.json", "soundnet8.safetensors"]
     reference = import_soundnet8(sound8_npy).state_dict()
     for key, tensor in load_checkpoint(cached).state_dict().items():
@@ -417,3 +394,28 @@ def test_export_writes_safetensors_and_json_that_round_trip(released_home, sound
 
     result = CliRunner().invoke(student_cli, ["export", "soundnet8", "--out", str(tmp_path / "m.pt")])
     assert result.exit_code == 1 and "must end in .safetensors" in result.output
+
+
+def test_a_safetensors_config_that_does_not_fit_is_refused_before_the_network_is_built(tmp_path):
+    """A config naming a huge head beside small weights is refused on their shapes alone: the 1 GiB the head would
+    take is never allocated (measured in a fresh process), and the error is one line."""
+    model = build_model(ModelConfig(arch="soundnet5", heads={"birds": 7}))
+    config = {**dataclasses.asdict(model.config), "heads": {"birds": 65536}}  # 65536 x 256 x 16 float32: 1 GiB
+    path = tmp_path / "birds.safetensors"
+    save_file(model.state_dict(), path, metadata={"format": "pt", SAFETENSORS_CONFIG: json.dumps(config)})
+    code = (
+        "import resource, sys\n"
+        "from soundnet.student.checkpoint import load_checkpoint\n"
+        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+        "before = peak()\n"
+        "try:\n"
+        f"    load_checkpoint({str(path)!r})\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+        "print(peak() - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message, grown_mb = done.stdout.splitlines()
+    assert message.startswith(f"{path}: weights and config (from birds.safetensors) do not match: ")
+    assert "size mismatch for heads.birds.weight" in message
+    assert int(grown_mb) < 256
