@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from soundnet.shards import remote
 from soundnet.shards.cli import main as shards_cli
 from soundnet.shards.reader import expand_shards
 from soundnet.student.data import Clips, make_loader, scan_shards
-from tests.remote_servers import S3_ENV, serve_http, serve_s3, upload
+from tests.loopback_servers import s3_filesystem, s3_server, video_server
 from tests.test_shard_reading import real_clips, train_cli  # noqa: F401 (a fixture)
 from tests.test_shards import make_real_run
 from tests.test_student_data import PAPER
@@ -38,16 +36,23 @@ def run_dir(tmp_path_factory, real_clips) -> Path:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def http_run(run_dir: Path):
-    """(URL of the run folder on a range-answering loopback HTTP server, the server's traffic)."""
-    with serve_http(run_dir.parent) as (base, traffic):
-        yield f"{base}/{run_dir.name}", traffic
+    """(URL of the run folder on a range-answering loopback HTTP server, the server's handler class)."""
+    with video_server(run_dir.parent) as (base, handler):
+        yield f"{base}/{run_dir.name}", handler
+
+
+def range_reads(handler) -> int:
+    """How many byte ranges of shards the server has sent so far."""
+    return sum(1 for path, _, status in handler.requests if path.endswith(".tar") and status == 206)
 
 
 @pytest.fixture(scope="module")
-def s3_run(run_dir: Path):
+def s3_run(run_dir: Path, tmp_path_factory):
     """(s3:// URL of the run folder uploaded to a loopback S3 server, the AWS variables that reach it)."""
-    with serve_s3() as env:
-        upload(run_dir, "s3://shards/run", env)
+    with s3_server(tmp_path_factory.mktemp("aws")) as env:
+        fs = s3_filesystem(env)
+        fs.mkdir("shards")
+        fs.put(f"{run_dir}/", "shards/run/", recursive=True)  # as a user publishes a finished run
         yield "s3://shards/run", {**env, **LOOPBACK}
 
 
@@ -57,8 +62,9 @@ def s3_env(s3_run, monkeypatch) -> str:
     url, env = s3_run
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    type(remote.filesystem(url)[0]).clear_instance_cache()  # a client of another test's server must not be reused
     yield url
-    remote.filesystem(url)[0].clear_instance_cache()  # another test's S3 server must not meet this client
+    type(remote.filesystem(url)[0]).clear_instance_cache()
 
 
 def summary(out: Path) -> dict:
@@ -81,13 +87,13 @@ def test_three_steps_from_http_and_from_s3_equal_the_local_run_bit_for_bit(
     for out in ("http", "s3"):
         got = summary(tmp_path / out)
         assert (got["weights_sha256"], got["clips"], got["skipped"]) == (want["weights_sha256"], 4, 0), out
-    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in over_s3.stderr + over_s3.stdout  # credentials never logged
+    assert env["AWS_SECRET_ACCESS_KEY"] not in over_s3.stderr + over_s3.stdout  # credentials never logged
 
 
 def test_loader_workers_read_a_url_as_the_local_folder_in_both_orders_with_fewer_requests_by_shard(
     run_dir: Path, http_run
 ) -> None:
-    url, traffic = http_run
+    url, handler = http_run
     local = Clips(scan_shards(expand_shards(run_dir)), PAPER)
     remote_clips = Clips(scan_shards(expand_shards(url)), PAPER)
     assert remote_clips.shards.urls == [f"{url}/shard-000000.tar", f"{url}/shard-000001.tar"]
@@ -100,9 +106,9 @@ def test_loader_workers_read_a_url_as_the_local_folder_in_both_orders_with_fewer
 
     gets = {}
     for order in ("sample", "shard"):
-        before = sum(n for path, n in traffic.gets.items() if path.endswith(".tar"))
+        before = range_reads(handler)
         keys, audio = batches(remote_clips, order)
-        gets[order] = sum(n for path, n in traffic.gets.items() if path.endswith(".tar")) - before
+        gets[order] = range_reads(handler) - before
         want_keys, want_audio = batches(local, order)
         assert keys == want_keys and all(np.array_equal(a, b) for a, b in zip(audio, want_audio, strict=True))
     # 2 passes over 4 clips: by shard one request per run of 2 clips; by sample at most one per clip (fewer where
@@ -126,26 +132,20 @@ def test_shards_verify_and_info_accept_http_and_s3_urls(run_dir: Path, http_run,
 def test_transient_failures_are_retried_and_a_server_without_ranges_is_named(
     run_dir: Path, http_run, tmp_path: Path, monkeypatch
 ) -> None:
-    url, traffic = http_run
+    url, handler = http_run
     shard = f"{url}/shard-000000.tar"
+    path = f"/{run_dir.name}/shard-000000.tar"
     want = (run_dir / "shard-000000.tar").read_bytes()[1000:3000]
     monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
-    traffic.fail_next = 3  # a busy server: 503 three times, then the bytes
+    handler.script[path] = [(503, {})] * 3  # a busy server: 503 three times, then the bytes
     assert remote.read_range(shard, 1000, 3000) == want
-    traffic.fail_next = remote.RETRIES + 1
+    handler.script[path] = [(503, {})] * (remote.RETRIES + 1)
     with pytest.raises(OSError, match=f"{shard}: bytes 1000-3000 failed after {remote.RETRIES + 1} tries"):
         remote.read_range(shard, 1000, 3000)
-    traffic.fail_next = 0
 
-    plain = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: SimpleHTTPRequestHandler(*a, directory=str(run_dir)))
-    threading.Thread(target=plain.serve_forever, daemon=True).start()
-    try:
-        whole_files = f"http://127.0.0.1:{plain.server_address[1]}/shard-000000.tar"
-        with pytest.raises(OSError, match="ignores byte ranges. Serve the shards from a server that answers Range"):
-            remote.read_range(whole_files, 1000, 3000)
-    finally:
-        plain.shutdown()
-        plain.server_close()
+    no_ranges = pytest.raises(OSError, match="ignores byte ranges. Serve the shards from a server that answers Range")
+    with video_server(run_dir, ranges=False) as (whole_files, _), no_ranges:
+        remote.read_range(f"{whole_files}/shard-000000.tar", 1000, 3000)
 
 
 def test_a_missing_shard_url_and_an_unlistable_folder_are_one_line(http_run, tmp_path: Path) -> None:
