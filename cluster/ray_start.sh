@@ -3,7 +3,10 @@
 #
 #   head$    cluster/ray_start.sh head [PORT]          # prints the command for the other nodes
 #   node$    cluster/ray_start.sh worker HEAD_IP:PORT   # on every other node
-#   any$     cluster/ray_start.sh stop
+#   any$     cluster/ray_start.sh stop                 # `ray stop`: EVERY Ray process of yours on this machine
+#
+# `stop` ends not only this cluster's node but any other Ray you run on the machine (a private Ray of an
+# `ingest run --engine ray` without --ray-address, a notebook's ray.init(); as root: everyone's).
 #
 # Usage statistics are off and no dashboard is started. The cluster uses Ray's token authentication (on by default
 # for local clusters since Ray 2.59, for all clusters from 2.61): `ray get-auth-token --generate` writes a token to

@@ -9,6 +9,7 @@ import click
 
 from soundnet.evaluate.datasets import LOADERS, DatasetError
 from soundnet.evaluate.protocol import C_GRID, DEFAULT_C, SVMConfig
+from soundnet.weights import MODEL_HELP, resolve
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
@@ -16,12 +17,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 def _data_options(command):
     """Options every command that embeds a dataset takes: what to run, on which clips, where, with which cache."""
     options = [
-        click.option(
-            "--checkpoint",
-            required=True,
-            type=click.Path(exists=True, dir_okay=False),
-            help="A checkpoint from `student train` or `student import-soundnet`.",
-        ),
+        click.option("--checkpoint", required=True, help=MODEL_HELP),
         click.option(
             "--dataset",
             required=True,
@@ -104,7 +100,7 @@ def svm(
     config = SVMConfig(C=c, cv_c=cv_c, standardize=standardize)
     try:
         document = evaluate_svm(
-            checkpoint,
+            resolve(checkpoint),
             dataset,
             data_dir,
             layer,
@@ -183,7 +179,7 @@ def visualize(
     try:
         data = load_dataset(dataset, data_dir)
         written = make_pictures(
-            checkpoint,
+            resolve(checkpoint),
             data,
             out,
             tsne_layer,

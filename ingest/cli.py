@@ -13,7 +13,8 @@ import click
 
 from soundnet.ingest.claims import CLAIM_TIMEOUT_S
 from soundnet.ingest.frames import MAX_FRAMES, MIN_SECONDS, SEEK_MODES, SLOT_INTERVAL_S
-from soundnet.media import URL_RETRIES, URL_TIMEOUT_S
+from soundnet.ingest.ray_auth import RAY_TIMEOUT_S
+from soundnet.media import MAX_DOWNLOAD_MB, URL_RETRIES, URL_TIMEOUT_S, is_remote
 
 DEFAULT_TEACHERS = ("imagenet=resnet50:IMAGENET1K_V2",)
 
@@ -37,7 +38,7 @@ def main() -> None:
     "--videos",
     required=True,
     help="One video file, a folder (searched recursively), a text file of paths/URLs, "
-    "or a CSV/Parquet file with a 'path' column (optional 'id').",
+    "or a CSV/Parquet file with a 'path' column (optional 'id'); the list or folder may be at a URL (s3://...).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder for shards and ledgers.")
 @click.option(
@@ -68,6 +69,13 @@ def main() -> None:
     help="With --engine ray: the cluster to join (host:port, or 'auto'); default: start a Ray on this machine.",
 )
 @click.option(
+    "--ray-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=RAY_TIMEOUT_S,
+    show_default=True,
+    help="With --ray-address: seconds to wait for the cluster to answer before giving up.",
+)
+@click.option(
     "--ray-teachers",
     type=click.IntRange(min=1),
     help="With --engine ray: teacher actors, each holding a GPU (or a CPU on a cluster without GPUs).  "
@@ -85,7 +93,8 @@ def main() -> None:
     default=CLAIM_TIMEOUT_S,
     show_default=True,
     help="Seconds without a heartbeat after which another run's claim on a shard task is taken over "
-    "(a run on this machine whose process is gone is taken over at once).",
+    "(a run on this machine whose process is gone is taken over at once). Recorded in run.json: runs that join "
+    "use the run's value.",
 )
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option(
@@ -139,6 +148,15 @@ def main() -> None:
     show_default=True,
     help="Seconds an http(s) server may take to connect or to send more data.",
 )
+@click.option(
+    "--max-download-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=MAX_DOWNLOAD_MB,
+    show_default=True,
+    help="An http(s) video from a server without byte ranges is downloaded to a temporary file (in $TMPDIR, "
+    "removed after decoding), if no larger than this; servers with ranges are streamed. Per decoding worker: each "
+    "holds at most one download at a time, so $TMPDIR (often in RAM) may need --workers times this.",
+)
 def run(
     videos,
     out,
@@ -146,6 +164,7 @@ def run(
     workers,
     engine,
     ray_address,
+    ray_timeout,
     ray_teachers,
     resume,
     claim_timeout,
@@ -160,6 +179,7 @@ def run(
     batch_frames,
     url_retries,
     url_timeout,
+    max_download_mb,
 ) -> None:
     """Decode videos, label their frames with the teachers, write shards + index/failure ledgers.
 
@@ -176,6 +196,12 @@ def run(
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if engine != "ray" and (ray_address or ray_teachers):
         raise click.UsageError("--ray-address and --ray-teachers need --engine ray")
+    if is_remote(out):
+        raise click.BadParameter(
+            "must be a folder (local, or a filesystem every node mounts), not a URL: write the run there, then "
+            "publish the finished shards (docs/scale.md, 'Publishing shards to object storage')",
+            param_hint="--out",
+        )
     if device == "auto" and engine == "local":  # on Ray, the cluster's GPUs decide
         import torch
 
@@ -189,7 +215,7 @@ def run(
             min_seconds=min_seconds,
             keep_silent=keep_silent,
             samples_per_shard=samples_per_shard,
-            url=UrlPolicy(retries=url_retries, timeout_s=url_timeout),
+            url=UrlPolicy(retries=url_retries, timeout_s=url_timeout, max_download_mb=max_download_mb),
         )
     except ValueError as exc:  # the clip layout names what is wrong
         raise click.UsageError(f"--frame-interval/--max-frames: {exc}") from exc
@@ -207,6 +233,7 @@ def run(
             ray_address,
             ray_teachers,
             claim_timeout,
+            ray_timeout_s=ray_timeout,
         )
     except (InputListError, RunError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -218,10 +245,13 @@ def run(
         )
         return
     reasons = ", ".join(f"{r} {n}" for r, n in summary.reasons.items()) or "none"
-    click.echo(
-        f"{summary.inputs} inputs: {summary.samples} samples, {summary.failures} failures ({reasons}); "
-        f"{summary.tasks_run} shard tasks run, {summary.tasks_skipped} already done; "
-        f"{summary.seconds:.1f} s, {summary.videos_per_s:.2f} videos/s"
-    )
+    counts = f"{summary.inputs} inputs: {summary.samples} samples, {summary.failures} failures ({reasons})"
+    if summary.tasks_run == 0:
+        click.echo(f"nothing left to do: the run in {out} is complete ({counts})")
+    else:
+        click.echo(
+            f"{counts}; {summary.tasks_run} shard tasks run, {summary.tasks_skipped} already done; "
+            f"{summary.seconds:.1f} s, {summary.videos_per_s:.2f} videos/s"
+        )
     if summary.samples == 0:
         raise click.ClickException("no input could be made into a sample; see failures.parquet")

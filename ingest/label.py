@@ -32,8 +32,9 @@ class Labeller:
         """The size frames are decoded to: the largest resize any teacher wants, so no teacher upsamples."""
         return max(t.preprocessing.resize for t in self.teachers)
 
-    def _log_probs(self, frames: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {t.name: t.log_probs(frames, batch_size=self.batch_size).numpy() for t in self.teachers}
+    def _outputs(self, frames: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Each teacher's rows for ``frames``: log-probabilities, or unit embeddings (float16 keeps them unit)."""
+        return {t.name: t.outputs(frames, batch_size=self.batch_size).numpy() for t in self.teachers}
 
     def label(self, decoded: Sequence[Decoded]) -> tuple[list[Result], float]:
         """One sample or failure row per input, in order, and the seconds it took. Frames of all clips go through
@@ -42,7 +43,7 @@ class Labeller:
         clips = [d.clip for d in decoded if d.clip is not None]
         try:
             frames = [f for clip in clips for f in clip.frames]
-            scores = self._log_probs(frames) if frames else {}
+            scores = self._outputs(frames) if frames else {}
             per_clip: list[dict[str, np.ndarray] | Exception] = _split(scores, [len(c.frames) for c in clips])
         except Exception:
             per_clip = [self._one(clip) for clip in clips]
@@ -59,7 +60,7 @@ class Labeller:
 
     def _one(self, clip: DecodedClip) -> dict[str, np.ndarray] | Exception:
         try:
-            return self._log_probs(clip.frames)
+            return self._outputs(clip.frames)
         except Exception as exc:
             return exc
 

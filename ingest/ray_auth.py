@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+RAY_TIMEOUT_S = 60.0  # how long a driver waits for the cluster at --ray-address (a head still starting included)
+
 AUTH_HELP = (
     "A cluster with token authentication needs its token on this machine: copy the head's ~/.ray/auth_token to "
     "~/.ray/auth_token here, or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH to a file holding it); "

@@ -21,8 +21,12 @@ Only ``--engine ray`` imports this module: Ray is an optional extra.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
+import socket
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -37,7 +41,7 @@ from soundnet.ingest.engine import Event, InputDone, Progress, TaskDropped, Work
 from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import VideoInput
 from soundnet.ingest.label import Labeller
-from soundnet.ingest.ray_auth import AUTH_HELP
+from soundnet.ingest.ray_auth import AUTH_HELP, RAY_TIMEOUT_S
 from soundnet.ingest.task import Labelled, Pending, run_task
 from soundnet.ingest.worker import Decoded, decode_input, failure_row
 from soundnet.shards.ledger import RunLayout
@@ -117,22 +121,92 @@ def write_shard(
     yield from run_task(task, RunLayout(out_dir), decoded(), label, batch_frames, LABEL_CALLS_IN_FLIGHT, claim)
 
 
-def _join(address: str) -> None:
-    """Join a running cluster (with its token: see :mod:`soundnet.ingest.ray_auth`); a refusal says what to set."""
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` address; None for the forms Ray resolves itself (``auto``, ``ray://``)."""
+    host, _, port = address.rpartition(":")
+    return (host.strip("[]"), int(port)) if host and "://" not in address and port.isdigit() else None
+
+
+def _wait_for_port(host: str, port: int, deadline: float) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` before ``deadline`` (a head still starting
+    counts): Ray itself would retry for many minutes, printing a warning every few seconds."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(left, 0.1)):
+                return True
+        except OSError:
+            if left <= 1:
+                return False
+            time.sleep(1)
+
+
+class _QuietSigtermWarning(logging.Filter):
+    """Ray joined from a helper thread warns that it leaves SIGTERM alone: wanted, the CLI's handler stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _init_within(address: str, deadline: float) -> bool:
+    """``ray.init(address=...)``, given until ``deadline``; False when it has not returned by then. It runs in a
+    daemon thread, so a Ray that keeps retrying stays behind when the process exits with the error."""
+    failure: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address)
+        except BaseException as exc:
+            failure.append(exc)
+
+    quiet = _QuietSigtermWarning()
+    ray_log = logging.getLogger("ray._private.worker")
+    ray_log.addFilter(quiet)
     try:
-        ray.init(address=address)
+        thread = threading.Thread(target=init, name="ray-join", daemon=True)
+        thread.start()
+        thread.join(max(deadline - time.monotonic(), 0))
+    finally:
+        ray_log.removeFilter(quiet)
+    if failure:
+        raise failure[0]
+    return not thread.is_alive()
+
+
+def _join(address: str, timeout_s: float) -> None:
+    """Join a running cluster (with its token: see :mod:`soundnet.ingest.ray_auth`) within ``timeout_s``; a
+    refusal or no answer says what to check."""
+    deadline = time.monotonic() + timeout_s
+    where = _host_port(address)
+    checks = (
+        "Check that `ray start --head` runs there, that the host and port are right (the head's --port, "
+        "default 6379) and reachable from this machine (firewall)"
+    )
+    if where is not None and not _wait_for_port(*where, deadline):
+        raise RunError(
+            f"--ray-address {address}: nothing answers there within {timeout_s:g} s (--ray-timeout). {checks}."
+        )
+    try:
+        joined = _init_within(address, deadline)
     except (ConnectionError, RayError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunError(
-            f"--ray-address {address}: cannot join the Ray cluster ({first}). Check that `ray start --head` runs "
-            f"there and that the address and port are right. {AUTH_HELP}"
+            f"--ray-address {address}: cannot join the Ray cluster ({first}). {checks}. {AUTH_HELP}"
         ) from exc
+    if not joined:
+        raise RunError(
+            f"--ray-address {address}: something answers there, but no Ray cluster within {timeout_s:g} s "
+            "(--ray-timeout). Check that it is the port of `ray start --head` (its --port, default 6379; not the "
+            "dashboard's or the Ray Client's) and that the head is not overloaded; a cluster with token "
+            "authentication also needs its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)."
+        )
 
 
-def _connect(address: str | None, cpus: int, gpus: int) -> None:
-    """Join the cluster at ``address``, or start a Ray on this machine for this run (stopped by ray.shutdown)."""
+def _connect(address: str | None, timeout_s: float, cpus: int, gpus: int) -> None:
+    """Join the cluster at ``address`` (within ``timeout_s``), or start a Ray on this machine for this run
+    (stopped by ray.shutdown)."""
     if address:
-        _join(address)
+        _join(address, timeout_s)
         return
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # started by us: no usage reports to the internet
     # "local": a Ray of our own even when this machine already runs one (`ray start`), which we must not join
@@ -173,9 +247,9 @@ def _teacher_pool(
 
 class RayEngine:
     """``--engine ray``: shard tasks on the Ray cluster at ``address`` (default: a Ray started on this machine with
-    ``workers`` decoding CPUs plus one per teacher actor, stopped at the end), ``teacher_actors`` teacher actors
-    (default: one per GPU). Raises RunError when shard tasks still fail after their retries; the finished ones
-    stay, and ``--resume`` redoes the rest."""
+    ``workers`` decoding CPUs plus one per teacher actor, stopped at the end; a cluster at ``address`` must answer
+    within ``join_timeout_s``), ``teacher_actors`` teacher actors (default: one per GPU). Raises RunError when
+    shard tasks still fail after their retries; the finished ones stay, and ``--resume`` redoes the rest."""
 
     def __init__(
         self,
@@ -185,18 +259,19 @@ class RayEngine:
         workers: int,
         address: str | None = None,
         teacher_actors: int | None = None,
+        join_timeout_s: float = RAY_TIMEOUT_S,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise RunError(f"--device {device}: on Ray each teacher actor is given its own GPU; use auto, cpu or cuda")
         self.specs, self.device, self.batch_frames, self.workers = specs, device, batch_frames, workers
-        self.address, self.teacher_actors = address, teacher_actors
+        self.address, self.teacher_actors, self.join_timeout_s = address, teacher_actors, join_timeout_s
         self.pool: list[ActorHandle] = []
 
     def start(self) -> int:
         import torch
 
         gpus = 0 if self.device == "cpu" else torch.cuda.device_count()
-        _connect(self.address, self.workers + (self.teacher_actors or max(gpus, 1)), gpus)
+        _connect(self.address, self.join_timeout_s, self.workers + (self.teacher_actors or max(gpus, 1)), gpus)
         self.pool, short_side = _teacher_pool(self.specs, self.device, self.batch_frames, self.teacher_actors)
         return short_side
 

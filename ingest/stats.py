@@ -1,8 +1,10 @@
 """What a run did, on disk: ``shard-NNNNNN_stats.json`` beside each finished shard, ``summary.json`` for the run.
 
-Both are written atomically. A shard's stats are written after the shard and before the ledger parts that mark its
-task complete, so every complete task has them; the summary adds up the stats of all complete tasks (those of
-earlier, resumed or concurrent runs included), so it is consistent with ``index.parquet`` and ``failures.parquet``.
+Both are written atomically. A shard's stats are written after the shard and before the ledger parts, and name the
+attempt that wrote them and the shard's size: a task is complete only when they agree with its parts and shard
+(:meth:`~soundnet.shards.ledger.RunLayout.is_complete`), so every complete task has them. The summary adds up the
+stats of all complete tasks (those of earlier, resumed or concurrent runs included), so it is consistent with
+``index.parquet`` and ``failures.parquet``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TaskStats:
     decode_s: float = 0.0  # in the decoding workers
     label_s: float = 0.0  # in the teachers
     write_s: float = 0.0  # encoding, writing and committing the shard
+    attempt: str = ""  # the claim's attempt id that wrote the task (runs before it was recorded: "")
 
     def write(self, layout: RunLayout) -> None:
         data = {k: round(v, 3) if k.endswith("_s") else v for k, v in asdict(self).items()}

@@ -8,11 +8,13 @@ A worker also exits on its own once the process that started it is gone, so a ki
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from soundnet.ingest.config import IngestConfig
 from soundnet.ingest.decode import DecodedClip, decode_clip
@@ -21,8 +23,8 @@ from soundnet.media import DecodeError
 
 # which part of the work a decoding failure belongs to (the ledger's `stage` column)
 _OPEN_REASONS = {
-    "not_found", "empty", "io_error", "http_error", "timeout", "connection_failed", "not_media", "damaged",
-    "open_failed", "bad_metadata",
+    "not_found", "empty", "io_error", "http_error", "timeout", "connection_failed", "too_large", "access_denied",
+    "not_media", "damaged", "open_failed", "bad_metadata",
 }  # fmt: skip
 _AUDIO_REASONS = {"no_audio", "silent", "audio_decode_failed", "no_audio_samples"}
 _VIDEO_REASONS = {"no_video", "too_short", "video_decode_failed", "video_truncated", "seek_failed"}
@@ -91,6 +93,24 @@ def _decode(item: VideoInput, config: IngestConfig) -> Decoded:
             item, failure=failure_row(item.source, "decode", "unexpected_error", message, type(exc).__name__)
         )
     return Decoded(item, clip=clip)
+
+
+def serve(conn: Connection, parent: int) -> None:
+    """A decoding worker process: call each ``(fn, arg)`` it is sent and send the result back, until it is sent
+    None or its pipe closes. Each worker has a pipe of its own, so the engine knows which input a worker that dies
+    was decoding, and sees the pipe close even when the worker dies halfway through sending a result. Ctrl-C is the
+    engine's to handle (it stops its workers), not each worker's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(parent)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        fn, arg = job
+        conn.send(fn(arg))
 
 
 def init_worker(parent: int) -> None:

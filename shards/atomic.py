@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+Place = Callable[[Path, Path], None]
+"""Puts a complete temporary file (first argument) under its final name (second)."""
 
 
 def _umask() -> int:
@@ -16,8 +19,9 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
+def atomic_path(path: str | os.PathLike, place: Place = os.replace) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and put in place by ``place``
+    (``os.replace`` by default; ``os.link`` keeps a file that is already there and raises FileExistsError).
 
     The temporary name starts with ``.`` and ends with ``.tmp`` so that shard globs never pick it up and a
     resumed run can sweep leftovers from a killed one.
@@ -32,6 +36,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp_path, path)
+        place(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Write ``path`` complete and only if it does not exist yet: of several writers at once, exactly one creates
+    it (True), and no reader ever sees it partly written. Works on shared filesystems that have hard links."""
+    try:
+        with atomic_path(path, place=os.link) as tmp:
+            tmp.write_text(text)
+    except FileExistsError:
+        return False
+    return True

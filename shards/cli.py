@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from soundnet.shards.ledger import RunLayout
-from soundnet.shards.schema import decode_sample
-from soundnet.shards.verify import not_a_run_message, run_ledger, shard_samples, verify_run
+from soundnet.shards import remote
+from soundnet.shards.schema import decode_sample, teacher_kind
+from soundnet.shards.verify import RunFiles, run_ledger, shard_samples, verify_run
 
 
-def _first_teachers(paths: list[Path]) -> dict[str, Any] | None:
+class RunFolder(click.ParamType):
+    """A run folder: a local directory (which must exist) or a URL (``https://``, ``s3://``, ... via fsspec)."""
+
+    name = "run_dir"
+    local = click.Path(exists=True, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return str(value) if remote.is_url(str(value)) else str(self.local.convert(value, param, ctx))
+
+
+def _first_teachers(paths: list[str]) -> dict[str, Any] | None:
     """The teachers named by the first readable sample (a damaged shard is passed over: ``verify`` names it)."""
     for path in paths:
         try:
@@ -40,19 +50,21 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def info(run_dir: Path) -> None:
-    """Summarise a run: samples, shards, hours of audio, frames per clip, teachers, failures by reason."""
-    layout = RunLayout(run_dir)
-    if not_a_run := not_a_run_message(layout):
-        raise click.ClickException(not_a_run)
+@click.argument("run_dir", type=RunFolder())
+def info(run_dir: str) -> None:
+    """Summarise a run (a folder or URL): samples, shards, hours of audio, frames per clip, teachers, failures."""
+    files = RunFiles(run_dir)
     try:
-        index, has_digests, index_from = run_ledger(layout, "index")
-        failures, _, failures_from = run_ledger(layout, "failures")
+        if not_a_run := files.not_a_run_message():
+            raise click.ClickException(not_a_run)
+        index, has_digests, index_from = run_ledger(files, "index")
+        failures, _, failures_from = run_ledger(files, "failures")
+        shard_paths, _ = files.shards(index.select(["shard"]).to_pylist())
+        with ThreadPoolExecutor(16) as pool:
+            shard_bytes = sum(pool.map(remote.size, shard_paths))
     except (OSError, ValueError, pa.ArrowException) as exn:
         message = f"cannot read the ledgers of {run_dir}: {exn} (shards verify lists every problem)"
         raise click.ClickException(message) from None
-    shard_paths = layout.shard_paths()
     audio_s = pc.sum(index["audio_seconds"]).as_py() or 0.0
     source_s = pc.sum(index["duration_s"]).as_py() or 0.0
     click.echo(f"run {run_dir}")
@@ -64,7 +76,7 @@ def info(run_dir: Path) -> None:
                 (
                     "shards",
                     str(len(shard_paths)),
-                    f"{sum(p.stat().st_size for p in shard_paths) / 1e6:.1f} MB",
+                    f"{shard_bytes / 1e6:.1f} MB",
                 ),
                 (
                     "audio",
@@ -90,9 +102,15 @@ def info(run_dir: Path) -> None:
         click.echo("teachers:")
         click.echo(
             _rows(
-                [("name", "classes", "arch", "weights")]
+                [("name", "classes/dim", "kind", "arch", "weights")]
                 + [
-                    (name, str(t.get("classes")), str(t.get("arch")), str(t.get("weights")))
+                    (
+                        name,
+                        str(t.get("classes", t.get("dim"))),
+                        str(teacher_kind(t)),
+                        str(t.get("arch")),
+                        str(t.get("weights")),
+                    )
                     for name, t in sorted(teachers.items())
                 ]
             )
@@ -104,11 +122,15 @@ def info(run_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dir", type=RunFolder())
 @click.option("--quick", is_flag=True, help="Skip recomputing member sha256 digests (schema and ledgers only).")
-def verify(run_dir: Path, quick: bool) -> None:
-    """Read every sample of every shard, recompute its digests and cross-check the ledgers; exit 1 naming problems."""
-    report = verify_run(run_dir, digests=not quick)
+def verify(run_dir: str, quick: bool) -> None:
+    """Read every sample of every shard (a folder or URL), recompute its digests and cross-check the ledgers and the
+    byte ranges; exit 1 naming problems."""
+    try:
+        report = verify_run(run_dir, digests=not quick)
+    except (OSError, ValueError) as exn:  # the storage itself fails: missing package, no access, retries spent
+        raise click.ClickException(f"cannot verify {run_dir}: {exn}") from None
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if report.problems:

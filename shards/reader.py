@@ -3,8 +3,10 @@
 Every reader goes through :func:`scan_shard`: it walks a shard's tar headers (seeking past the data, so it is
 cheap) and lists the byte range of each complete sample, plus what is wrong with the shard, if anything. A shard
 cut mid-member keeps every sample before the cut; a file that is not a tar at all has no samples and a damage
-note. The student reads samples by range in any order (:func:`read_raw`); tools iterate them in order
-(:func:`iter_samples`), which yields the complete samples and then raises :class:`DamagedShard`.
+note. Shards at URLs (:mod:`shards.remote`) are indexed from their run's ``index.parquet`` where it records the
+byte ranges (:func:`index_from_spans`), else from their tar headers read by range. The student reads samples by
+range in any order (:func:`read_raw`, :func:`read_many` for back-to-back runs of them); tools iterate them in
+order (:func:`iter_samples`), which yields the complete samples and then raises :class:`DamagedShard`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import braceexpand
+import pyarrow.parquet as pq
 from webdataset import tariterators
 
+from soundnet.shards import remote
 from soundnet.shards.schema import META_MEMBER, Sample, decode_sample
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
 _GLOB_CHARS = frozenset("*?[")
 _BLOCK = tarfile.BLOCKSIZE
+INDEX_NAME = "index.parquet"
+MAX_READ = 64 << 20
+"""The most bytes one read of back-to-back samples fetches (it bounds a loader worker's memory)."""
 
 
 class DamagedShard(ValueError):
@@ -56,18 +63,22 @@ class ShardIndex:
 
 
 def expand_shards(spec: ShardSpec) -> list[str]:
-    """Turn a brace pattern, glob, directory, path or list of those into existing shard paths.
+    """Turn a brace pattern, glob, directory, path, URL or list of those into shard paths and URLs.
 
-    ``out/shard-{000000..000003}.tar``, ``out/*.tar`` and ``out`` (all ``*.tar`` in it) all work. Duplicates
-    are dropped (keeping first position) so no shard is read twice. Raises FileNotFoundError naming whatever
-    matched nothing, so a typo fails loudly instead of training on fewer shards.
+    ``out/shard-{000000..000003}.tar``, ``out/*.tar`` and ``out`` (all ``*.tar`` in it) all work, locally and as
+    URLs (``https://host/run``, ``s3://bucket/run/shard-{000000..000003}.tar``): a folder URL is a run folder whose
+    ``index.parquet`` names its shards (or, on storage that lists, its ``*.tar``); globs need storage that lists
+    (S3, GCS; not plain HTTP). Duplicates are dropped (keeping first position) so no shard is read twice. Raises
+    FileNotFoundError naming whatever matched nothing, so a typo fails loudly instead of training on fewer shards.
     """
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     paths: list[str] = []
     missing: list[str] = []
     for item in items:
         for pattern in braceexpand.braceexpand(os.fspath(item)):
-            if _GLOB_CHARS & set(pattern):
+            if remote.is_url(pattern):
+                found = _remote_shards(pattern)
+            elif _GLOB_CHARS & set(pattern):
                 found = sorted(glob.glob(pattern))
             elif os.path.isdir(pattern):
                 found = sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar")))
@@ -81,20 +92,42 @@ def expand_shards(spec: ShardSpec) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def _remote_shards(url: str) -> list[str]:
+    """Shard URLs for one URL pattern: a shard, a glob (storage that lists) or a run folder."""
+    if url.endswith(".tar"):
+        return [url]
+    if not url.startswith(("http://", "https://")) and _GLOB_CHARS & set(url.split("://", 1)[1]):
+        return [u for u in remote.glob(url) if u.endswith(".tar")]
+    index = remote.join(url, INDEX_NAME)
+    if remote.exists(index):
+        with remote.open_binary(index, 1 << 22) as stream:
+            names = pq.read_table(stream, columns=["shard"]).column("shard").unique().to_pylist()
+        return [remote.join(url, name) for name in sorted(names)]
+    listed = remote.listing(url, "*.tar")
+    if listed is None:
+        raise FileNotFoundError(
+            f"{index} does not exist and plain HTTP cannot list {url}: give the shard URLs, e.g. "
+            f"'{remote.join(url, 'shard-{000000..000009}.tar')}'"
+        )
+    return listed
+
+
 def scan_shard(path: str | os.PathLike) -> ShardIndex:
-    """Index the complete samples of one shard from its tar headers; never raises for a damaged file.
+    """Index the complete samples of one shard (a path or URL) from its tar headers; never raises for a damaged
+    file, only for a missing URL.
 
     A member whose data runs past the end of the file loses its sample (and ends the scan); a file that ends
     without the tar end-of-archive blocks is noted as cut (its last sample may lack members, which decoding
-    reports).
+    reports). A URL is read with one small ranged request per tar header (use :func:`index_from_spans` where
+    the run's index records the byte ranges).
     """
     url = os.fspath(path)
     index = ShardIndex(url)
     key: str | None = None
     start = end = 0
     try:
-        size = os.path.getsize(url)
-        with open(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+        size = remote.size(url)
+        with remote.open_binary(url) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -115,6 +148,11 @@ def scan_shard(path: str | os.PathLike) -> ShardIndex:
                     index.damage = f"no end-of-archive blocks after byte {end}: the shard is cut or damaged there"
                 elif data_follows(stream, end):
                     index.damage = f"a bad or zeroed tar header ends the archive near byte {end}, yet data follows"
+    except FileNotFoundError:
+        if remote.is_url(url):
+            raise
+        index.damage = f"not a readable tar (no such file: {url})"
+        key = None
     except (tarfile.TarError, OSError) as exn:
         index.damage = f"not a readable tar ({exn})"
         key = None
@@ -123,13 +161,59 @@ def scan_shard(path: str | os.PathLike) -> ShardIndex:
     return index
 
 
+def index_from_spans(url: str, spans: list[SampleSpan]) -> ShardIndex:
+    """The index of a shard whose sample byte ranges a run's index records: only its first sample is read (for the
+    shard's header). A shard that cannot be read is noted as damaged; a missing URL raises FileNotFoundError."""
+    index = ShardIndex(url, list(spans))
+    try:
+        index.first_meta = read_raw(url, spans[0]).get(META_MEMBER)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as exn:
+        index.damage, index.samples = f"its first sample cannot be read ({exn})", []
+    return index
+
+
 def read_raw(url: str, span: SampleSpan) -> dict[str, Any]:
     """One sample as WebDataset's raw dict (``__key__``, ``__url__``, member suffix -> bytes), read by its span."""
-    with open(url, "rb") as stream:
-        stream.seek(span.start)
-        data = stream.read(span.end - span.start)
+    return _parse(url, span, remote.read_range(url, span.start, span.end))
+
+
+def read_many(samples: Sequence[tuple[str, SampleSpan]]) -> list[dict[str, Any] | Exception]:
+    """Samples (shard, span), in the order given: those lying back to back in a shard are fetched together, one
+    ranged read per run of them (at most ``MAX_READ`` bytes), and the reads at URLs are made at once. A sample that
+    cannot be read or parsed is its exception."""
+    order = sorted(range(len(samples)), key=lambda i: (samples[i][0], samples[i][1].start))
+    runs: list[list[int]] = []
+    for i in order:
+        url, span = samples[i]
+        if runs:
+            last_url, last = samples[runs[-1][-1]]
+            first = samples[runs[-1][0]][1]
+            if last_url == url and last.end == span.start and span.end - first.start <= MAX_READ:
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    ranges = [(samples[run[0]][0], samples[run[0]][1].start, samples[run[-1]][1].end) for run in runs]
+    results: list[dict[str, Any] | Exception] = [ValueError("not read")] * len(samples)
+    for run, (url, start, _), data in zip(runs, ranges, remote.read_ranges(ranges)):
+        for i in run:
+            span = samples[i][1]
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                results[i] = _parse(url, span, data[span.start - start : span.end - start])
+            except (ValueError, OSError) as exn:
+                results[i] = exn
+    return results
+
+
+def _parse(url: str, span: SampleSpan, data: bytes) -> dict[str, Any]:
     files = tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
-    samples = list(tariterators.group_by_keys(files))
+    try:
+        samples = list(tariterators.group_by_keys(files))
+    except tarfile.TarError as exn:
+        raise ValueError(f"{url}: bytes {span.start}-{span.end} are not tar members ({exn}): file changed?") from None
     if len(samples) != 1 or samples[0].get("__key__") != span.key:
         raise ValueError(f"{url}: bytes {span.start}-{span.end} do not hold sample {span.key!r} (file changed?)")
     return samples[0]

@@ -24,9 +24,18 @@ META_MEMBER = "json"
 TEACHER_SUFFIX = ".npy"
 AUDIO_DTYPE = np.dtype(np.int16)
 POSTERIOR_DTYPE = np.dtype(np.float16)
+"""Every teacher's rows are float16, whatever their kind."""
+
+POSTERIOR = "posterior"
+"""A teacher kind: each row is a log-softmax over the teacher's classes; the student learns it by KL."""
+EMBEDDING = "embedding"
+"""A teacher kind: each row is an image tower's pooled feature, L2-normalised; the student learns it by cosine."""
+TEACHER_KINDS = (POSTERIOR, EMBEDDING)
 
 REQUIRED_META_KEYS = ("source", "duration_s", "frame_times_s", "teachers", "tool_version")
-TEACHER_META_KEYS = ("arch", "weights", "classes", "sha256")
+TEACHER_META_KEYS = ("arch", "weights", "sha256")
+WIDTH_KEYS = {POSTERIOR: "classes", EMBEDDING: "dim"}
+"""The meta key that gives a teacher's row width: a posterior's class count, an embedding's dimension."""
 
 MAX_KEY_LEN = 64
 """Keeps ``<key>.<teacher>.npy`` under the 100-character member name limit of the ustar tar format."""
@@ -36,6 +45,8 @@ TEACHER_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,29}")
 
 LOGSUMEXP_TOL = 0.01
 """Allowed |logsumexp| of a float16 log-softmax row: rounding costs < 1e-3; probabilities or logits miss."""
+UNIT_NORM_TOL = 0.01
+"""Allowed |norm - 1| of a float16 embedding row: rounding costs < 1e-3; an unnormalised feature misses."""
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHARS = 10
@@ -61,9 +72,20 @@ def make_key(source: str, explicit_id: str | None = None) -> str:
     return f"{stem}-{digest}"
 
 
+def teacher_kind(info: dict[str, Any]) -> str:
+    """A teacher's kind as its meta records it; shards written before embeddings existed hold posteriors only."""
+    return info.get("kind", POSTERIOR)
+
+
+def teacher_width(info: dict[str, Any]) -> int:
+    """The width of a teacher's rows: ``classes`` for a posterior, ``dim`` for an embedding (KeyError if absent)."""
+    return int(info[WIDTH_KEYS[teacher_kind(info)]])
+
+
 @dataclass
 class Sample:
-    """One clip: int16 waveform at SAMPLE_RATE, per-teacher float16 log-softmax rows [F, C], and metadata."""
+    """One clip: int16 waveform at SAMPLE_RATE, per-teacher float16 rows [F, C] (log-softmax for a posterior
+    teacher, a unit vector for an embedding teacher: the teacher's meta says which), and metadata."""
 
     key: str
     audio: np.ndarray
@@ -105,19 +127,26 @@ def _validate_meta(meta: Any) -> list[str]:
             if not isinstance(info, dict):
                 problems.append(f"meta teachers[{name!r}] must be an object")
                 continue
-            problems += [f"meta teachers[{name!r}] lacks {k!r}" for k in TEACHER_META_KEYS if k not in info]
+            kind = teacher_kind(info)
+            if kind not in TEACHER_KINDS:
+                problems.append(f"meta teachers[{name!r}]['kind'] must be one of {TEACHER_KINDS}, got {kind!r}")
+                continue
+            keys = (*TEACHER_META_KEYS, WIDTH_KEYS[kind])
+            problems += [f"meta teachers[{name!r}] lacks {k!r}" for k in keys if k not in info]
             for k in ("arch", "weights"):
                 if k in info and not (isinstance(info[k], str) and info[k]):
                     problems.append(f"meta teachers[{name!r}][{k!r}] must be a non-empty string")
-            classes = info.get("classes")
-            if "classes" in info and not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1):
-                problems.append(f"meta teachers[{name!r}]['classes'] must be a class count, got {classes!r}")
+            for k, what in (("classes", "a class count"), ("dim", "a dimension")):
+                value = info.get(k)
+                if k in info and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                    problems.append(f"meta teachers[{name!r}][{k!r}] must be {what}, got {value!r}")
             if "sha256" in info and not (isinstance(info["sha256"], str) and _SHA256_RE.fullmatch(info["sha256"])):
                 problems.append(f"meta teachers[{name!r}]['sha256'] must be 64 lower-case hex digits")
     return problems
 
 
-def _validate_posterior(name: str, arr: Any) -> list[str]:
+def _validate_rows(name: str, arr: Any, kind: str) -> list[str]:
+    """Problems with teacher ``name``'s rows: float16 [F, C], finite, and log-softmax or unit rows by ``kind``."""
     if not TEACHER_NAME_RE.fullmatch(str(name)) or name == "audio":
         return [f"teacher name {name!r} must match {TEACHER_NAME_RE.pattern} and not be 'audio'"]
     if not isinstance(arr, np.ndarray):
@@ -129,6 +158,15 @@ def _validate_posterior(name: str, arr: Any) -> list[str]:
     values = arr.astype(np.float64)
     if not np.isfinite(values).all():
         return [f"posteriors[{name!r}] has non-finite values"]
+    if kind == EMBEDDING:
+        norms = np.linalg.norm(values, axis=1)
+        worst = int(np.abs(norms - 1).argmax())
+        if abs(norms[worst] - 1) > UNIT_NORM_TOL:
+            return [
+                f"posteriors[{name!r}] row {worst} has norm {norms[worst]:.4g}, expected 1 "
+                "(embedding rows must be L2-normalised)"
+            ]
+        return []
     top = values.max(axis=1)
     lse = top + np.log(np.exp(values - top[:, None]).sum(axis=1))
     worst = int(np.abs(lse).argmax())
@@ -157,14 +195,17 @@ def validate_sample(sample: Sample) -> list[str]:
         posteriors: dict[str, Any] = {}
     else:
         posteriors = sample.posteriors
+    meta = sample.meta if isinstance(sample.meta, dict) else {}
+    teachers_meta = meta.get("teachers")
+    infos = teachers_meta if isinstance(teachers_meta, dict) else {}
     bad_teachers = set()
     for name, arr in posteriors.items():
-        found = _validate_posterior(name, arr)
+        info = infos.get(name)
+        found = _validate_rows(name, arr, teacher_kind(info) if isinstance(info, dict) else POSTERIOR)
         problems += found
         if found:
             bad_teachers.add(name)
     problems += _validate_meta(sample.meta)
-    meta = sample.meta if isinstance(sample.meta, dict) else {}
     good = {name: arr for name, arr in posteriors.items() if name not in bad_teachers}
     frame_counts = {name: arr.shape[0] for name, arr in good.items()}
     if len(set(frame_counts.values())) > 1:
@@ -172,7 +213,6 @@ def validate_sample(sample: Sample) -> list[str]:
     times = meta.get("frame_times_s")
     if isinstance(times, list) and frame_counts and any(f != len(times) for f in frame_counts.values()):
         problems.append(f"len(frame_times_s) is {len(times)} but posteriors have F={frame_counts}")
-    teachers_meta = meta.get("teachers")
     if isinstance(teachers_meta, dict):
         if set(teachers_meta) != set(posteriors):
             problems.append(
@@ -180,9 +220,10 @@ def validate_sample(sample: Sample) -> list[str]:
             )
         for name, arr in good.items():
             info = teachers_meta.get(name)
-            classes = info.get("classes") if isinstance(info, dict) else None
-            if isinstance(classes, int) and classes != arr.shape[1]:
-                problems.append(f"posteriors[{name!r}] has C={arr.shape[1]} but meta says {classes} classes")
+            for k, unit in (("classes", "classes"), ("dim", "dimensions")):
+                width = info.get(k) if isinstance(info, dict) else None
+                if isinstance(width, int) and width != arr.shape[1]:
+                    problems.append(f"posteriors[{name!r}] has C={arr.shape[1]} but meta says {width} {unit}")
     return problems
 
 

@@ -2,30 +2,34 @@
 the ledgers against the shards, so that nothing lost or silently changed passes as OK.
 
 Unlike the training reader (which skips damage and goes on), this reads each shard with no tolerance: the first
-damaged byte is a problem to name, with the shard and how many samples were readable before it.
+damaged byte is a problem to name, with the shard and how many samples were readable before it. A run folder may be
+a URL (:mod:`shards.remote`): each shard is then streamed in large ranged reads; where the storage cannot list
+(plain HTTP) the shards are those the index names.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
 from webdataset import tariterators
 
-from soundnet.shards.ledger import INDEX_SCHEMA, Kind, RunLayout, read_table, to_table
-from soundnet.shards.reader import data_follows
+from soundnet.shards import remote
+from soundnet.shards.catalog import DIGEST_COLUMN, FAILURES_NAME, INDEX_NAME, MANIFEST_NAME, PARTS_NAME, read_index
+from soundnet.shards.ledger import Kind, RunLayout, read_table, to_table
+from soundnet.shards.reader import data_follows, scan_shard
 from soundnet.shards.schema import META_MEMBER, decode_sample, member_digests, validate_sample
 
-DIGEST_COLUMN = "sha256"
-LEGACY_INDEX_SCHEMA = INDEX_SCHEMA.remove(INDEX_SCHEMA.get_field_index(DIGEST_COLUMN))
-"""The index as written before checksums: still readable, verified for structure only."""
+STREAM_BUFFER = 16 << 20
+"""Bytes per ranged request when a shard at a URL is streamed whole."""
+_SHARD_NAME = re.compile(r"shard-\d{6,}\.tar")
 
 DUPLICATE_REASON = "duplicate"
 """A failure row that records a second listing of an input; its first listing may well be a sample."""
@@ -33,41 +37,88 @@ DUPLICATE_REASON = "duplicate"
 ShardRow = dict[str, Any]
 
 
-def read_index(path: str | os.PathLike) -> tuple[pa.Table, bool]:
-    """Read an index ledger; also one written before checksums. Returns (table, whether it holds digests)."""
-    try:
-        return read_table(path, "index"), True
-    except ValueError:
-        table = read_table(path)
-        if not table.schema.equals(LEGACY_INDEX_SCHEMA, check_metadata=False):
-            raise
-        return table, False
+def read_ledger(path: str, kind: Kind) -> tuple[pa.Table, bool]:
+    """Read either ledger (a path or URL); the flag says whether per-member digests are present (always True for
+    failures)."""
+    if kind == "index":
+        return read_index(path)
+    with remote.open_binary(path, 1 << 22) as source:
+        return read_table(source, kind), True
 
 
-def read_ledger(path: str | os.PathLike, kind: Kind) -> tuple[pa.Table, bool]:
-    """Read either ledger; the flag says whether per-member digests are present (always True for failures)."""
-    return read_index(path) if kind == "index" else (read_table(path, kind), True)
+@dataclass
+class RunFiles:
+    """The files of a run folder at a local path or a URL, by name."""
+
+    where: str
+
+    def __post_init__(self) -> None:
+        self.where = self.where.rstrip("/") if remote.is_url(self.where) else self.where
+        self.layout = None if remote.is_url(self.where) else RunLayout(self.where)
+
+    def url(self, *names: str) -> str:
+        path = self.where
+        for name in names:
+            path = remote.join(path, name)
+        return path
+
+    def ledger(self, kind: Kind) -> str:
+        return self.url(INDEX_NAME if kind == "index" else FAILURES_NAME)
+
+    def shards(self, index_rows: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+        """The run's shard files in task order, and a note when they could not be listed (those the index names and
+        that exist are taken)."""
+        if self.layout is not None:
+            return [str(p) for p in self.layout.shard_paths()], None
+        listed = remote.listing(self.where, "shard-*.tar")
+        if listed is not None:
+            return [u for u in listed if _SHARD_NAME.fullmatch(remote.name(u))], None
+        named = sorted({row["shard"] for row in index_rows})
+        found = [self.url(name) for name in named if remote.exists(self.url(name))]
+        return found, f"{self.where} cannot be listed (plain HTTP): the shards checked are those {INDEX_NAME} names"
+
+    def temporaries(self) -> list[str]:
+        """Leftover ``.*.tmp`` files of a killed run (local folders only: a URL holds a published copy)."""
+        if self.layout is None:
+            return []
+        found = sorted(self.layout.out_dir.glob(".*.tmp")) + sorted(self.layout.parts_dir.glob(".*.tmp"))
+        return [p.name for p in found]
+
+    def ledger_parts(self, kind: Kind) -> list[str] | None:
+        """The ledger parts of the finished tasks of a run not finalized yet; None where they cannot be listed."""
+        if self.layout is not None:
+            return [str(self.layout.part_paths(t)[0 if kind == "index" else 1]) for t in self.layout.completed_tasks()]
+        return remote.listing(self.url(PARTS_NAME), f"shard-*.{kind}.parquet")
+
+    def not_a_run_message(self) -> str | None:
+        """Why the folder is not a run folder at all (a typo, the wrong folder), or None."""
+        if self.layout is not None:
+            layout = self.layout
+            if layout.shard_paths() or layout.index_path.exists() or layout.parts_dir.is_dir():
+                return None
+            return (
+                f"{layout.out_dir} holds no run: no shard-*.tar, index.parquet or parts/ "
+                "(give the --out of `ingest run`)"
+            )
+        if remote.exists(self.url(INDEX_NAME)) or remote.exists(self.url(MANIFEST_NAME)):
+            return None
+        return f"{self.where} holds no run: no {INDEX_NAME} or {MANIFEST_NAME} there (give the URL of a run folder)"
 
 
-def run_ledger(layout: RunLayout, kind: Kind) -> tuple[pa.Table, bool, str]:
+def run_ledger(files: RunFiles, kind: Kind) -> tuple[pa.Table, bool, str]:
     """The run-level ledger, or the merged parts of a run that is not finalized yet; says where it came from."""
-    path = layout.index_path if kind == "index" else layout.failures_path
-    if path.exists():
-        return *read_ledger(path, kind), path.name
-    parts = [layout.part_paths(t)[0 if kind == "index" else 1] for t in layout.completed_tasks()]
+    path = files.ledger(kind)
+    if remote.exists(path):
+        return *read_ledger(path, kind), remote.name(path)
+    parts = files.ledger_parts(kind)
+    if parts is None:
+        raise ValueError(f"{path} does not exist (run not finalized?) and the parts of {files.where} cannot be listed")
     tables = [read_ledger(p, kind) for p in parts]
-    table = pa.concat_tables([t for t, _ in tables]) if tables else to_table([], kind)
+    table = pa.concat_tables([t for t, _ in tables], promote_options="default") if tables else to_table([], kind)
     return table, all(has for _, has in tables), f"{len(parts)} parts (run not finalized)"
 
 
-def not_a_run_message(layout: RunLayout) -> str | None:
-    """Why ``layout.out_dir`` is not a run folder at all (a typo, the wrong folder), or None."""
-    if layout.shard_paths() or layout.index_path.exists() or layout.parts_dir.is_dir():
-        return None
-    return f"{layout.out_dir} holds no run: no shard-*.tar, index.parquet or parts/ (give the --out of `ingest run`)"
-
-
-def shard_samples(path: Path, damage: list[BaseException]) -> Iterator[dict[str, Any]]:
+def shard_samples(path: str, damage: list[BaseException]) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard, grouped as the training reader groups them, up to the first damaged byte.
 
     Reading stops at the first damage, which is appended to ``damage``; every sample before it is still
@@ -76,11 +127,11 @@ def shard_samples(path: Path, damage: list[BaseException]) -> Iterator[dict[str,
 
     def files() -> Iterator[dict[str, Any]]:
         try:
-            yield from tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
+            yield from tariterators.tar_file_expander([{"url": path, "stream": stream}])
         except (tarfile.TarError, OSError, EOFError) as exn:
             damage.append(exn)
 
-    with open(path, "rb") as stream:
+    with remote.open_binary(path, STREAM_BUFFER) as stream:
         yield from tariterators.group_by_keys(files())
         stopped = stream.tell()
         if not damage and data_follows(stream, stopped):
@@ -88,31 +139,29 @@ def shard_samples(path: Path, damage: list[BaseException]) -> Iterator[dict[str,
             damage.append(tarfile.ReadError(reason))
 
 
-def _damage(path: Path, exn: BaseException, read: int) -> str:
+def _damage(name: str, exn: BaseException, read: int) -> str:
     reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__  # wds appends " @ <stream>"
     if isinstance(exn, OSError):
-        return f"{path.name}: cannot be read ({exn})"
+        return f"{name}: cannot be read ({exn})"
     if read == 0:
-        return f"{path.name}: not a readable tar file ({reason}); no sample could be read from it"
-    return f"{path.name}: damaged after {read} sample(s) ({reason}); the rest of the shard cannot be read"
+        return f"{name}: not a readable tar file ({reason}); no sample could be read from it"
+    return f"{name}: damaged after {read} sample(s) ({reason}); the rest of the shard cannot be read"
 
 
-def _digest_problems(where: str, recorded: dict[str, str] | None, raw: dict[str, Any]) -> list[str]:
+def digest_problems(recorded: dict[str, str], raw: dict[str, Any]) -> list[str]:
     """Name every member whose bytes differ from its digest at write time, and members added or lost."""
-    if recorded is None:
-        return []  # the sample is not in the index: reported by the ledger check
     found = member_digests(raw)
     changed = sorted(m for m in found.keys() & recorded.keys() if found[m] != recorded[m])
     problems = []
     if changed:
         problems.append(
-            f"{where}: member(s) {', '.join(map(repr, changed))} differ from the sha256 recorded at write time "
+            f"member(s) {', '.join(map(repr, changed))} differ from the sha256 recorded at write time "
             "(changed or damaged after writing)"
         )
     if lost := sorted(recorded.keys() - found.keys()):
-        problems.append(f"{where}: member(s) {', '.join(map(repr, lost))} written at ingest are missing")
+        problems.append(f"member(s) {', '.join(map(repr, lost))} written at ingest are missing")
     if added := sorted(found.keys() - recorded.keys()):
-        problems.append(f"{where}: member(s) {', '.join(map(repr, added))} were not written at ingest")
+        problems.append(f"member(s) {', '.join(map(repr, added))} were not written at ingest")
     return problems
 
 
@@ -127,18 +176,21 @@ class Report:
     digests_checked: int = 0
 
 
-def _read_ledgers(layout: RunLayout, report: Report) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+def _read_ledgers(files: RunFiles, report: Report) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
     index_rows: list[dict[str, Any]] = []
     failure_rows: list[dict[str, Any]] = []
     has_digests = True
-    for kind, path in (("index", layout.index_path), ("failures", layout.failures_path)):
-        if not path.exists():
-            report.problems.append(f"{path.name} missing (run not finalized? an `ingest run --resume` finishes it)")
+    for kind in ("index", "failures"):
+        path = files.ledger(kind)  # type: ignore[arg-type]
+        if not remote.exists(path):
+            report.problems.append(
+                f"{remote.name(path)} missing (run not finalized? an `ingest run --resume` finishes it)"
+            )
             continue
         try:
             table, has = read_ledger(path, kind)  # type: ignore[arg-type]
         except (OSError, ValueError, pa.ArrowException) as exn:
-            report.problems.append(f"{path.name} unreadable: {exn}")
+            report.problems.append(f"{remote.name(path)} unreadable: {exn}")
             continue
         if kind == "index":
             index_rows, has_digests = table.to_pylist(maps_as_pydicts="strict"), has
@@ -148,15 +200,15 @@ def _read_ledgers(layout: RunLayout, report: Report) -> tuple[list[dict[str, Any
 
 
 def _read_shards(
-    layout: RunLayout, index_rows: list[dict[str, Any]], digests: bool, report: Report
+    paths: list[str], index_rows: list[dict[str, Any]], digests: bool, report: Report
 ) -> dict[str, ShardRow]:
     """Read every shard; return key -> the index row each sample implies; add problems for what is wrong."""
     recorded = {row["key"]: row.get(DIGEST_COLUMN) for row in index_rows} if digests else {}
     found: dict[str, ShardRow] = {}
-    paths = layout.shard_paths()
     report.shards = len(paths)
     with tqdm(total=len(index_rows) or None, unit="sample", desc="verify", leave=False) as bar:
         for path in paths:
+            name = remote.name(path)
             read = 0
             damage: list[BaseException] = []
             try:
@@ -164,21 +216,21 @@ def _read_shards(
                     read += 1
                     bar.update()
                     key = raw["__key__"]
-                    where = f"{path.name}: sample {key!r}"
-                    if digests:
-                        report.problems += _digest_problems(where, recorded.get(key), raw)
-                        report.digests_checked += key in recorded
+                    where = f"{name}: sample {key!r}"
+                    if digests and key in recorded:  # a sample not in the index is reported by the ledger check
+                        report.problems += [f"{where}: {p}" for p in digest_problems(recorded[key], raw)]
+                        report.digests_checked += 1
                     try:
                         sample = decode_sample(raw)
                     except ValueError as exn:
-                        report.problems.append(f"{path.name}: {exn}")
+                        report.problems.append(f"{name}: {exn}")
                         continue
                     report.problems += [f"{where}: {p}" for p in validate_sample(sample)]
                     if key in found:
-                        report.problems.append(f"duplicate key {key!r} in {found[key]['shard']} and {path.name}")
+                        report.problems.append(f"duplicate key {key!r} in {found[key]['shard']} and {name}")
                         continue
                     found[key] = {
-                        "shard": path.name,
+                        "shard": name,
                         "source": sample.meta.get("source"),
                         "duration_s": sample.meta.get("duration_s"),
                         "frames": sample.frames,
@@ -186,15 +238,15 @@ def _read_shards(
                     }
             except (ValueError, OSError) as exn:  # a member name twice in one sample; a folder named like a shard
                 damage.append(exn)
-            report.problems += [_damage(path, exn, read) for exn in damage]
+            report.problems += [_damage(name, exn, read) for exn in damage]
             report.samples += read
     return found
 
 
-def _check_index(index_rows: list[dict[str, Any]], found: dict[str, ShardRow], layout: RunLayout) -> list[str]:
+def _check_index(index_rows: list[dict[str, Any]], found: dict[str, ShardRow], shards: list[str]) -> list[str]:
     """Every index row is a sample in its shard with the same fields, and every sample is indexed once."""
     problems: list[str] = []
-    present = {p.name for p in layout.shard_paths()}
+    present = {remote.name(p) for p in shards}
     lost_shards = Counter(row["shard"] for row in index_rows if row["shard"] not in present)
     problems += [f"{shard} is missing: the index lists {n} sample(s) in it" for shard, n in sorted(lost_shards.items())]
     indexed: set[str] = set()
@@ -215,6 +267,30 @@ def _check_index(index_rows: list[dict[str, Any]], found: dict[str, ShardRow], l
             if row[col] != value
         ]
     problems += [f"sample {k!r} in {found[k]['shard']} is not in the index" for k in sorted(set(found) - indexed)]
+    return problems
+
+
+def _check_ranges(shards: list[str], index_rows: list[dict[str, Any]]) -> list[str]:
+    """Every byte range the index records (remote readers fetch a sample by it) is where the shard holds it."""
+    recorded: dict[str, dict[str, tuple[int, int]]] = {}
+    for row in index_rows:
+        if row.get("offset") is not None and row.get("size") is not None:
+            recorded.setdefault(row["shard"], {})[row["key"]] = (row["offset"], row["offset"] + row["size"])
+    problems: list[str] = []
+    for path in shards:
+        wanted = recorded.get(remote.name(path))
+        if not wanted:
+            continue
+        try:
+            spans = {span.key: (span.start, span.end) for span in scan_shard(path).samples}
+        except FileNotFoundError:
+            continue  # reported as missing
+        problems += [
+            f"index row {key!r}: bytes {start}-{end} of {remote.name(path)} recorded, but the sample lies at "
+            f"{spans[key][0]}-{spans[key][1]}"
+            for key, (start, end) in wanted.items()
+            if key in spans and spans[key] != (start, end)
+        ]
     return problems
 
 
@@ -242,17 +318,17 @@ def _check_failures(index_rows: list[dict[str, Any]], failure_rows: list[dict[st
 
 
 def verify_run(run_dir: str | os.PathLike, digests: bool = True) -> Report:
-    """Check the run in ``run_dir``; with ``digests`` also recompute every member's sha256 (``--quick`` skips it)."""
-    layout = RunLayout(run_dir)
+    """Check the run in ``run_dir`` (a path or URL); with ``digests`` also recompute every member's sha256
+    (``--quick`` skips it)."""
+    files = RunFiles(os.fspath(run_dir))
     report = Report()
-    if not_a_run := not_a_run_message(layout):
+    if not_a_run := files.not_a_run_message():
         report.problems.append(not_a_run)
         return report
     report.problems += [
-        f"leftover temporary {p.name} (run killed? an `ingest run --resume` sweeps it)"
-        for p in sorted(layout.out_dir.glob(".*.tmp")) + sorted(layout.parts_dir.glob(".*.tmp"))
+        f"leftover temporary {name} (run killed? an `ingest run --resume` sweeps it)" for name in files.temporaries()
     ]
-    index_rows, failure_rows, has_digests = _read_ledgers(layout, report)
+    index_rows, failure_rows, has_digests = _read_ledgers(files, report)
     if not has_digests:
         report.notes.append(
             "index.parquet has no sha256 column (run written before checksums): samples checked for structure "
@@ -260,10 +336,14 @@ def verify_run(run_dir: str | os.PathLike, digests: bool = True) -> Report:
         )
     elif not digests:
         report.notes.append("--quick: member sha256 digests not recomputed")
-    if not layout.shard_paths() and index_rows:
+    shards, unlisted = files.shards(index_rows)
+    if unlisted:
+        report.notes.append(unlisted)
+    if not shards and index_rows:
         report.problems.append("no shard-*.tar files in the run directory")
-    found = _read_shards(layout, index_rows, digests and has_digests, report)
+    found = _read_shards(shards, index_rows, digests and has_digests, report)
     report.notes += _identical_samples(index_rows)
-    report.problems += _check_index(index_rows, found, layout)
+    report.problems += _check_index(index_rows, found, shards)
+    report.problems += _check_ranges(shards, index_rows)
     report.problems += _check_failures(index_rows, failure_rows)
     return report

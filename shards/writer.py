@@ -10,7 +10,7 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from soundnet.shards.atomic import atomic_path
+from soundnet.shards.atomic import Place, atomic_path
 from soundnet.shards.schema import Sample, encode_sample, member_digests, validate_sample
 
 
@@ -21,11 +21,14 @@ class ShardWriter:
     deleted if the block raises, so a shard that exists is always complete. Every sample is validated before
     it is written, so a shard never holds a sample the student would choke on. ``index_rows`` holds the ledger
     rows for the samples written, ready for ``RunLayout.write_parts``, each with the sha256 of every member as
-    written (``shards verify`` recomputes them from the tar).
+    written (``shards verify`` recomputes them from the tar) and the sample's byte range in the shard (a reader
+    of remote shards fetches it with one ranged request). ``place`` puts the complete file under its name
+    (see :func:`~soundnet.shards.atomic.atomic_path`).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, place: Place = os.replace) -> None:
         self.path = Path(path)
+        self.place = place
         self.count = 0
         self.bytes = 0
         self.audio_seconds = 0.0
@@ -36,7 +39,7 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         with contextlib.ExitStack() as stack:
-            tmp = stack.enter_context(atomic_path(self.path))
+            tmp = stack.enter_context(atomic_path(self.path, self.place))
             # Unbuffered: tarfile buffers whole records itself, and after a failed write (a full disk) closing the
             # file must not try to flush more bytes and raise a second error on top of the first.
             stream = stack.enter_context(open(tmp, "wb", buffering=0))
@@ -70,6 +73,7 @@ class ShardWriter:
         if problems:
             raise ValueError(f"sample {sample.key!r} not written to {self.path.name}: " + "; ".join(problems))
         raw = encode_sample(sample)
+        offset = self._tar.tarstream.offset
         size = self._tar.write(raw)
         self._keys.add(sample.key)
         self.count += 1
@@ -84,6 +88,8 @@ class ShardWriter:
                 "frames": sample.frames,
                 "audio_seconds": sample.audio_seconds,
                 "sha256": member_digests(raw),
+                "offset": offset,
+                "size": self._tar.tarstream.offset - offset,
             }
         )
         return size

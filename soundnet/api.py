@@ -1,6 +1,7 @@
 """The feature API: load a SoundNet, get embeddings of any named layer for any audio, with their times.
 
-``load_model(path)`` takes a checkpoint (format v1/v2) or the released ``soundnet8.npz``;
+``load_model(model)`` takes a released model's name (``"soundnet8"``: downloaded once, see :mod:`soundnet.weights`)
+or any model file (a checkpoint, the released ``soundnet8.npz`` or ``sound8.npy``, ``.safetensors``);
 ``embed(model, audio, sample_rate, layer)`` takes numpy or torch audio, mono ``[samples]`` or
 ``[channels, samples]``, at any rate and of any length, and returns ``(embeddings [T, D] float32, times_s [T])``.
 
@@ -21,29 +22,27 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from soundnet.student.checkpoint import load_checkpoint
 from soundnet.student.model import ARCHITECTURES, SoundNet
-from soundnet.student.soundnet_import import import_soundnet8
+from soundnet.weights import resolve
 
 DEFAULT_LAYER = "pool5"
+MAX_PEAK = 2.0
+"""Float audio peaking above this is not in [-1, 1]: almost always int16 samples converted without scaling."""
 CHUNK_SECONDS = 60.0
 """Audio per forward pass for long inputs: about 0.25 GB of activations for SoundNet8 (bench/embed.py)."""
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SoundNet:
-    """A SoundNet in eval mode from a checkpoint or the released ``.npz``; ``model.config.sample_rate`` is its rate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path} (give a checkpoint or the released soundnet8.npz)")
-    model = import_soundnet8(path) if path.suffix.lower() == ".npz" else load_checkpoint(path)
-    return model.to(device).eval()
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> SoundNet:
+    """A SoundNet in eval mode from a released model's name (``"soundnet8"``) or a model file of any accepted format
+    (:func:`soundnet.student.checkpoint.load_checkpoint`); ``model.config.sample_rate`` is its rate."""
+    return load_checkpoint(resolve(model)).to(device).eval()
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,22 @@ def receptive_field(model: SoundNet, layer: str) -> ReceptiveField:
     return ReceptiveField(start, size, stride)
 
 
+def check_samples(audio: np.ndarray) -> None:
+    """Refuse float audio that cannot be a waveform in [-1, 1]: NaN or infinite samples, or a peak above
+    :data:`MAX_PEAK` (int16 samples cast to float without scaling give embeddings unrelated to the right ones)."""
+    if not np.isfinite(audio).all():
+        raise ValueError("audio contains NaN or infinite values")
+    peak = float(np.abs(audio).max())
+    if peak > MAX_PEAK:
+        raise ValueError(
+            f"audio peaks at {peak:g}, far outside [-1, 1]: int16 samples stored as floats? divide them by 32768 "
+            "(int32 samples by 2147483648)"
+        )
+
+
 def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) -> np.ndarray:
-    """Float32 mono audio at ``to_rate`` from numpy/torch ``[samples]`` or ``[channels, samples]`` in [-1, 1]."""
+    """Float32 mono audio at ``to_rate`` from numpy/torch ``[samples]`` or ``[channels, samples]`` in [-1, 1]
+    (checked by :func:`check_samples`)."""
     if isinstance(audio, torch.Tensor):  # float16/bfloat16 have no numpy twin: float32, as the network computes
         audio = (audio.detach().float() if audio.is_floating_point() else audio.detach()).cpu().numpy()
     audio = np.asarray(audio)
@@ -100,8 +113,7 @@ def as_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, to_rate: int) ->
         )
     if audio.ndim not in (1, 2) or audio.shape[-1] == 0:
         raise ValueError(f"audio must be [samples] or [channels, samples] with samples > 0, got shape {audio.shape}")
-    if not np.isfinite(audio).all():
-        raise ValueError("audio contains NaN or infinite values")
+    check_samples(audio)
     if int(sample_rate) != sample_rate or sample_rate < 1:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     mono = audio.astype(np.float32, copy=False) if audio.ndim == 1 else audio.mean(axis=0, dtype=np.float32)
@@ -122,18 +134,34 @@ def _device(model: SoundNet) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
 def embed_batch(model: SoundNet, waveforms: np.ndarray, layer: str, chunk_samples: int | None = None) -> np.ndarray:
     """``[B, T, D]`` float32 outputs of ``layer`` for equal-length mono waveforms ``[B, N]`` at the model's rate.
 
     Inputs longer than ``chunk_samples`` run chunk by chunk with the exact method of the module docstring; the
     input must be at least the layer's minimum length (:meth:`SoundNet.min_input_samples`).
     """
-    n = waveforms.shape[-1]
-    total = model.output_length(layer, n)
-    if total < 1:
-        need = model.min_input_samples(layer)
-        raise ValueError(f"{n} samples are too short for layer {layer!r}: it needs at least {need} (tile or pad)")
+    return np.concatenate(list(_chunked(model, [waveforms], layer, chunk_samples)), axis=1)
+
+
+def embed_stream(
+    model: SoundNet, blocks: Iterable[np.ndarray], layer: str = DEFAULT_LAYER, chunk_seconds: float = CHUNK_SECONDS
+) -> Iterator[np.ndarray]:
+    """Embeddings ``[steps, D]`` of one mono float32 waveform at the model's rate that arrives as consecutive
+    ``blocks`` (of any sizes), piece by piece as soon as they are exact: joined, the pieces equal
+    ``embed(...)[0]`` of the whole waveform, computed with the same chunks, while memory holds one chunk. The
+    waveform must be at least the layer's minimum length (:func:`embed` tiles shorter clips)."""
+    chunk = int(chunk_seconds * model.config.sample_rate)
+    for piece in _chunked(model, (block[None] for block in blocks), layer, chunk):
+        yield piece[0]
+
+
+@torch.inference_mode()
+def _chunked(
+    model: SoundNet, blocks: Iterable[np.ndarray], layer: str, chunk_samples: int | None
+) -> Iterator[np.ndarray]:
+    """The chunked pass of the module docstring over ``[B, n]`` blocks that join into the input ``[B, N]``: yields
+    ``[B, steps, D]`` pieces in order. Blocks are read only as far as the next chunk needs (and one sample beyond,
+    which tells whether the chunk ends the input), so ``N`` need not be known in advance."""
     field = receptive_field(model, layer)
     if chunk_samples is None:
         chunk_samples = int(CHUNK_SECONDS * model.config.sample_rate)
@@ -141,26 +169,46 @@ def embed_batch(model: SoundNet, waveforms: np.ndarray, layer: str, chunk_sample
     chunk = max(chunk_samples, 2 * (field.size + field.stride))
     chunk += -chunk % field.stride
     device = _device(model)
-    pieces: list[np.ndarray] = []
-    step = 0
-    while step < total:
+    blocks = iter(blocks)
+    held: list[np.ndarray] = []  # the input from sample `offset` on, as read so far
+    offset = have = 0  # have: samples read so far
+    n: int | None = None  # the input's length, once the blocks are exhausted
+    total = step = 0
+    while n is None or step < total:
         first = max(0, field.first(step) // field.stride)
         begin = first * field.stride  # on the stride grid: chunk step i is global step first + i
-        end = min(n, begin + chunk)
-        x = torch.from_numpy(np.ascontiguousarray(waveforms[:, begin:end], dtype=np.float32)).to(device)
+        while n is None and have <= begin + chunk:
+            block = next(blocks, None)
+            if block is None:
+                n, total = have, model.output_length(layer, have)
+                if total < 1:
+                    need = model.min_input_samples(layer)
+                    raise ValueError(
+                        f"{n} samples are too short for layer {layer!r}: it needs at least {need} (tile or pad)"
+                    )
+            elif block.shape[-1]:
+                held.append(block)
+                have += block.shape[-1]
+        if n is not None and step >= total:
+            break
+        end = min(have, begin + chunk)
+        window = np.concatenate(held, axis=-1)[:, begin - offset :] if len(held) > 1 else held[0][:, begin - offset :]
+        held, offset = [window], begin  # what lies before `begin` is never needed again
+        x = torch.from_numpy(np.ascontiguousarray(window[:, : end - begin], dtype=np.float32)).to(device)
         out = model.features(x, layer)[layer]  # [B, D, steps]
         steps = first + np.arange(out.shape[-1])
-        exact = (steps >= step) & (steps < total)
+        exact = steps >= step
+        if n is not None:
+            exact &= steps < total
         if begin > 0:
             exact &= field.first(steps) >= begin
-        if end < n:
+        if end < have:  # more input follows (when `n` is unknown, at least one sample does)
             exact &= field.first(steps) + field.size <= end
         keep = np.flatnonzero(exact)
         if len(keep) == 0 or keep[0] + first != step:
             raise RuntimeError(f"chunking lost step {step} of {layer} (chunk {begin}:{end}); this is a bug")
-        pieces.append(out[:, :, keep].permute(0, 2, 1).float().cpu().numpy())
+        yield out[:, :, keep].permute(0, 2, 1).float().cpu().numpy()
         step = first + int(keep[-1]) + 1
-    return np.concatenate(pieces, axis=1)
 
 
 def layer_width(model: SoundNet, layer: str) -> int:
@@ -190,12 +238,12 @@ def embed_many(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`embed` for many mono float32 waveforms at the model's rate, faster: clips of equal length run as one
     batch of at most ``chunk_seconds`` of audio (a batch of 12 five-second clips is several times faster than
-    12 single passes on a CPU), longer ones one by one in chunks."""
-    rate = model.config.sample_rate
-    chunk = int(chunk_seconds * rate)
+    12 single passes on a CPU), longer ones one by one in chunks. Each is checked by :func:`check_samples`."""
+    for waveform in waveforms:
+        check_samples(waveform)
+    chunk = int(chunk_seconds * model.config.sample_rate)
     need = model.min_input_samples(layer)  # tiled up to it, as the paper's evaluation tiles short clips
     tiled = [tile_to(waveform, need) for waveform in waveforms]
-    field = receptive_field(model, layer)
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, waveform in enumerate(tiled):
         by_length[len(waveform)].append(i)
@@ -206,5 +254,10 @@ def embed_many(
             group = indices[start : start + per_batch]
             batch = tiled[group[0]][None] if len(group) == 1 else np.stack([tiled[i] for i in group])
             for i, out in zip(group, embed_batch(model, batch, layer, chunk)):
-                results[i] = (out, (field.centre(np.arange(len(out))) / rate).astype(np.float64))
+                results[i] = (out, step_times(model, layer, len(out)))
     return results
+
+
+def step_times(model: SoundNet, layer: str, steps: int) -> np.ndarray:
+    """The times (s) of the centres of the first ``steps`` output steps of ``layer``: the ``times`` of :func:`embed`."""
+    return (receptive_field(model, layer).centre(np.arange(steps)) / model.config.sample_rate).astype(np.float64)

@@ -7,7 +7,9 @@ the samples equal that command's output (bit for bit on the shared test videos).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -34,6 +36,55 @@ class DecodedAudio:
         return self.samples.astype(np.float32) / AUDIO_SCALE
 
 
+class AudioStream:
+    """The first audio stream of ``container``, decoded to mono int16 at ``rate`` and handed out block by block as
+    it decodes: :func:`decode_audio` joins the blocks, ``student embed`` embeds a long file without holding it.
+
+    Iterating raises :class:`DecodeError` for a stream that holds no samples, and for stored float samples (WAV/CAF
+    ``pcm_f*``) that are NaN or infinite (libswresample would turn them into full-scale DC that looks like sound). A
+    damaged tail ends the blocks early: a truncated download still has a usable start. ``start_s`` (time of the first
+    decoded sample on the container's clock) and ``channels`` are known once the first block is out.
+    """
+
+    def __init__(self, container: av.container.InputContainer, rate: int = SAMPLE_RATE, threads: int = 0) -> None:
+        if not container.streams.audio:
+            raise DecodeError("no_audio", "no audio stream")
+        self.container, self.rate, self.threads = container, rate, threads
+        self.stream = container.streams.audio[0]
+        codec = self.stream.codec_context
+        self.codec = codec.name
+        self.source_rate = codec.sample_rate or self.stream.rate or 0
+        self.channels = codec.channels or 0
+        self.start_s: float | None = None
+        self.samples = 0  # handed out so far
+        self._float_pcm = codec.name.startswith("pcm_f")  # stored floats can be NaN or infinite; decoded ones are not
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=self.rate)
+        with decoding_only(self.container, self.stream, self.threads):
+            try:
+                for frame in self.container.decode(self.stream):
+                    if self.start_s is None:
+                        self.start_s = float(frame.time) if frame.time is not None else 0.0
+                        self.channels = len(frame.layout.channels)
+                    if self._float_pcm and not np.isfinite(frame.to_ndarray()).all():
+                        at = f" at {float(frame.time):.2f} s" if frame.time is not None else ""
+                        raise DecodeError("audio_decode_failed", f"float samples are NaN or infinite{at}")
+                    yield from self._blocks(resampler.resample(frame))
+                yield from self._blocks(resampler.resample(None))
+            except av.error.FFmpegError as exc:
+                if not self.samples:
+                    raise DecodeError("audio_decode_failed", f"audio stream could not be decoded: {exc}") from exc
+        if not self.samples:
+            raise DecodeError("no_audio_samples", "audio stream holds no decodable samples")
+
+    def _blocks(self, frames: list[av.AudioFrame]) -> Iterator[np.ndarray]:
+        for frame in frames:
+            block = frame.to_ndarray().reshape(-1)
+            self.samples += len(block)
+            yield block
+
+
 def decode_audio(
     container: av.container.InputContainer,
     max_seconds: float | None = None,
@@ -41,7 +92,7 @@ def decode_audio(
     rate: int = SAMPLE_RATE,
     threads: int = 0,
 ) -> DecodedAudio:
-    """Decode the first audio stream of ``container`` to mono int16 at ``rate``.
+    """Decode the first audio stream of ``container`` to mono int16 at ``rate`` (:class:`AudioStream`, joined).
 
     ``max_seconds`` keeps only the start of the stream (decoding stops soon after it). ``origin_s`` puts the
     audio on a given clock (the video's start): audio that starts later than that is preceded by silence, and
@@ -50,39 +101,17 @@ def decode_audio(
     worker process per core). Other streams are discarded by the demuxer meanwhile, which saves reading video
     packets that would be dropped.
     """
-    if not container.streams.audio:
-        raise DecodeError("no_audio", "no audio stream")
-    stream = container.streams.audio[0]
-    codec = stream.codec_context
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    audio = AudioStream(container, rate, threads)
     limit = None if max_seconds is None else int(round(max_seconds * rate))
     chunks: list[np.ndarray] = []
-    have = 0
     shift = 0  # samples of silence to put before the audio (> 0) or samples to drop from its start (< 0)
-    first_time: float | None = None
-    channels = codec.channels
-    with decoding_only(container, stream, threads):
-        try:
-            for frame in container.decode(stream):
-                if first_time is None:
-                    first_time = float(frame.time) if frame.time is not None else 0.0
-                    channels = len(frame.layout.channels)
-                    if origin_s is not None:
-                        shift = int(round((first_time - origin_s) * rate))
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    have += len(chunk)
-                if limit is not None and have + shift >= limit:
-                    break
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.error.FFmpegError as exc:
-            if not chunks:
-                raise DecodeError("audio_decode_failed", f"audio stream could not be decoded: {exc}") from exc
-            # a damaged tail: keep what decoded cleanly (a truncated download still has a usable start)
-    if not chunks or sum(map(len, chunks)) == 0:
-        raise DecodeError("no_audio_samples", "audio stream holds no decodable samples")
+    with contextlib.closing(iter(audio)) as blocks:  # closed at once: the caller may go on to read the video
+        for chunk in blocks:
+            if not chunks and origin_s is not None:
+                shift = int(round((audio.start_s - origin_s) * rate))
+            chunks.append(chunk)
+            if limit is not None and audio.samples + shift >= limit:
+                break
     samples = np.concatenate(chunks).astype(np.int16, copy=False)
     if shift > 0:
         samples = np.concatenate([np.zeros(shift, np.int16), samples])
@@ -92,10 +121,10 @@ def decode_audio(
         samples = samples[:limit]
     return DecodedAudio(
         samples=samples,
-        source_rate=codec.sample_rate or stream.rate or 0,
-        source_channels=channels or 0,
-        codec=codec.name,
-        start_s=first_time or 0.0,
+        source_rate=audio.source_rate,
+        source_channels=audio.channels,
+        codec=audio.codec,
+        start_s=audio.start_s or 0.0,
     )
 
 

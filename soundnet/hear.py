@@ -1,8 +1,9 @@
 """The HEAR 2021 API (https://hearbenchmark.com): ``load_model``, ``get_scene_embeddings``,
 ``get_timestamp_embeddings``, on SoundNet's ``pool5`` (256-d, the paper's feature layer).
 
-Check it with ``pip install hearvalidator && hear-validator soundnet.hear -m path/to/soundnet8.npz`` (the validator
-needs TensorFlow). The weights are not bundled (they are not ours to ship), so ``load_model`` needs a path.
+``load_model()`` with no path loads the released SoundNet8 weights by name (downloaded once and cached, see
+:mod:`soundnet.weights`); a path loads any model file. Check it with
+``pip install hearvalidator && hear-validator soundnet.hear`` (the validator needs TensorFlow).
 
 * Timestamp embeddings: pool5's own hop is 8192 samples (371.5 ms at 22050 Hz). To reach a hop of at most 50 ms
   the network runs ``k`` = 8 passes over the clip shifted by hop = 8192 / 8 = 1024 samples (46.4 ms), and the
@@ -21,12 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from soundnet.api import embed_batch, layer_width, receptive_field, tile_to
+from soundnet.api import check_samples, embed_batch, layer_width, receptive_field, tile_to
 from soundnet.api import load_model as load_soundnet
 from soundnet.student.model import SoundNet
 
 LAYER = "pool5"
 MAX_HOP_S = 0.050
+DEFAULT_MODEL = "soundnet8"
 
 
 class HearModel(nn.Module):
@@ -49,20 +51,17 @@ class HearModel(nn.Module):
 
 
 def load_model(model_file_path: str = "") -> HearModel:
-    """The HEAR model from a checkpoint or the released ``soundnet8.npz``."""
-    if not model_file_path:
-        raise ValueError(
-            "soundnet.hear.load_model needs the path of a SoundNet checkpoint or the released soundnet8.npz: the "
-            "weights are not bundled with the package (e.g. hear-validator soundnet.hear -m soundnet8.npz)"
-        )
-    return HearModel(load_soundnet(model_file_path))
+    """The HEAR model from a model file, or with no path (HEAR's convention) the released SoundNet8 weights."""
+    return HearModel(load_soundnet(model_file_path or DEFAULT_MODEL))
 
 
 def _as_batch(audio: torch.Tensor, model: HearModel) -> np.ndarray:
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2 or audio.shape[1] == 0:
         shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
         raise ValueError(f"audio must be a torch tensor [n_sounds, n_samples] at {model.sample_rate} Hz, got {shape}")
-    return audio.detach().float().cpu().numpy()
+    waveforms = audio.detach().float().cpu().numpy()
+    check_samples(waveforms)
+    return waveforms
 
 
 def timestamp_embeddings(model: HearModel, waveforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

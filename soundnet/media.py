@@ -3,52 +3,51 @@
 A :class:`DecodeError` carries a short machine-readable ``reason`` (it lands in the failure ledger) and a
 message a person can act on.
 
-http(s) sources are streamed by FFmpeg, never downloaded to a file (only the first seconds of a video are read,
-and nothing partial can be left behind). Before FFmpeg opens a URL, one ranged GET for its first byte learns what
-FFmpeg's errors hide: the exact HTTP status and a ``Retry-After``. Transient failures (connection errors, timeouts,
-429, 5xx) are retried with exponential backoff per :class:`UrlPolicy`; what still fails becomes a ledger row:
-``http_error`` with the status, ``timeout`` naming the seconds, or ``connection_failed``.
+http(s) sources are streamed by FFmpeg when the server answers byte ranges (only the first seconds of a video are
+read, and FFmpeg seeks, e.g. to an MP4's trailing index). Before FFmpeg opens a URL, one ranged GET for its first
+byte learns what FFmpeg's errors hide: the exact HTTP status, a ``Retry-After``, and whether ranges are served. A
+server that sends the whole file instead (a plain ``http.server``, many dynamic endpoints) cannot be streamed with
+seeks: that answer is saved to an anonymous temporary file (no name, so nothing is left even when the process is
+killed), at most :attr:`UrlPolicy.max_download_mb`, and decoded from there.
+
+Other URLs that fsspec knows (``s3://``, ``gs://`` with its package installed, ...) are read through fsspec's file
+objects, which seek with ranged reads; credentials and endpoint come from the filesystem's standard places (for S3:
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles).
+
+Transient failures (connection errors, timeouts, 429, 5xx, an answer cut short) are retried with exponential
+backoff per :class:`~soundnet.retry.UrlPolicy` (the rules of :mod:`soundnet.retry`); what still fails becomes a
+ledger row: ``http_error`` with the status, ``timeout`` naming the seconds, ``connection_failed``, ``too_large``,
+``not_found`` for a missing object, or ``io_error`` when this machine cannot keep a download (not retried).
 """
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import os
-import random
-import ssl
-import time
+import re
+import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib.metadata import version
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import IO, TypeVar
 
 import av
 
-URL_RETRIES = 3
-URL_TIMEOUT_S = 30.0
-USER_AGENT = f"soundnet-distill/{version('soundnet-distill')}"
+from soundnet.retry import (  # noqa: F401 (MAX_DOWNLOAD_MB, URL_RETRIES, URL_TIMEOUT_S: ingest's option defaults)
+    MAX_DOWNLOAD_MB,
+    URL_RETRIES,
+    URL_TIMEOUT_S,
+    USER_AGENT,
+    UrlFailure,
+    UrlPolicy,
+    url_failure,
+    with_retries,
+)
 
-
-@dataclass(frozen=True)
-class UrlPolicy:
-    """How http(s) sources are fetched. Retries are bounded: a server that never answers costs at most
-    ``(retries + 1) x timeout_s`` plus the waits (about two minutes with the defaults), then it is a failure row."""
-
-    retries: int = URL_RETRIES  # further tries after a transient failure
-    timeout_s: float = URL_TIMEOUT_S  # per request: to connect, and for each wait for data
-    backoff_s: float = 1.0  # the first wait; it doubles with every retry
-    max_wait_s: float = 30.0  # no single wait is longer, a server's Retry-After included
-
-    def wait_s(self, retry: int, retry_after_s: float | None) -> float:
-        """Seconds before retry number ``retry`` (1, 2, ...): the server's Retry-After, else jittered backoff."""
-        if retry_after_s is not None:
-            return min(retry_after_s, self.max_wait_s)
-        return min(self.backoff_s * 2 ** (retry - 1), self.max_wait_s) * random.uniform(0.5, 1.0)
-
+REMOTE_BLOCK_BYTES = 4 * 2**20  # one ranged read of an fsspec file: a video's first seconds in one or two
+DOWNLOAD_CHUNK_BYTES = 2**20
 
 URL_POLICY = UrlPolicy()
 """What :func:`open_media` uses unless told otherwise."""
@@ -78,63 +77,94 @@ _SIGNATURES = (
 )
 
 
+def signature_of(head: bytes) -> str | None:
+    """The container that a file starting with ``head`` (its first 16 bytes suffice) announces, or None."""
+    return next((name for offset, magic, name in _SIGNATURES if head[offset : offset + len(magic)] == magic), None)
+
+
 def container_signature(path: str | os.PathLike) -> str | None:
     """The container a local file's first bytes announce, or None."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return signature_of(f.read(16))
     except OSError:
         return None
-    return next((name for offset, magic, name in _SIGNATURES if head[offset : offset + len(magic)] == magic), None)
+
+
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def url_protocol(source: str) -> str | None:
+    """The protocol of a URL (``http``, ``s3``, ...), or None for a path."""
+    match = _SCHEME.match(source)
+    return match.group(1).lower() if match else None
 
 
 def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
+    """An http(s) URL: fetched by this module (streamed or downloaded), not by fsspec."""
+    return url_protocol(source) in ("http", "https")
 
 
-def retry_after_s(value: str | None) -> float | None:
-    """The wait a ``Retry-After`` header asks for (seconds, or an HTTP date), or None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time()) if when.tzinfo is not None else None
+def is_remote(source: str) -> bool:
+    """Any URL: http(s), or one that fsspec opens (``s3://``, ``gs://``, ...)."""
+    return url_protocol(source) is not None
 
 
-class _Attempt(Exception):
-    """One failed try at a URL: what happened, and whether another try may succeed."""
-
-    def __init__(self, reason: str, what: str, transient: bool, retry_after: float | None = None) -> None:
-        super().__init__(what)
-        self.reason, self.what, self.transient, self.retry_after = reason, what, transient, retry_after
-
-
-def _first_byte(url: str, timeout_s: float) -> None:
-    """GET the first byte of ``url``: succeeds once the server answers 2xx (redirects followed)."""
+def _probe(url: str, policy: UrlPolicy, files: ExitStack) -> IO[bytes] | None:
+    """GET the first byte of ``url`` (redirects followed). None when the server answers the range, so FFmpeg can
+    stream the file and seek in it; from a server that answers with the whole file instead, that file, downloaded
+    to an anonymous temporary file (closed with ``files``)."""
     request = urllib.request.Request(url, headers={"Range": "bytes=0-0", "User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s):
-            return
+        with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+            return None if response.status == 206 else _download(response, policy, files)
     except urllib.error.HTTPError as exc:
-        exc.close()
         if exc.code == 416:  # no byte 0 to give
-            raise _Attempt("empty", f"the server has no bytes (HTTP 416 {exc.reason})", False) from exc
-        transient = exc.code in (408, 429) or exc.code >= 500
-        wait = retry_after_s(exc.headers.get("Retry-After"))
-        raise _Attempt("http_error", f"HTTP {exc.code} {exc.reason}", transient, wait) from exc
-    except (TimeoutError, urllib.error.URLError) as exc:
-        cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(cause, TimeoutError):
-            raise _Attempt("timeout", f"no answer within {timeout_s:g} s", True) from exc
-        transient = not isinstance(cause, (ssl.SSLError, ValueError))  # a bad certificate stays bad
-        raise _Attempt("connection_failed", f"cannot connect ({cause})", transient) from exc
-    except (http.client.HTTPException, OSError) as exc:  # a reset or a malformed answer
-        raise _Attempt("connection_failed", f"connection failed ({type(exc).__name__}: {exc})", True) from exc
+            exc.close()
+            raise UrlFailure("empty", f"the server has no bytes (HTTP 416 {exc.reason})", False) from exc
+        raise url_failure(exc, policy) from exc
+    except (http.client.HTTPException, OSError) as exc:  # no connection, a reset, a malformed answer, a stall
+        raise url_failure(exc, policy) from exc
+
+
+def _download(response: http.client.HTTPResponse, policy: UrlPolicy, files: ExitStack) -> IO[bytes]:
+    """The body of ``response`` in a temporary file without a name (removed when ``files`` closes it or when the
+    process ends, however it ends), refused beyond ``policy.max_download_mb``."""
+    limit = policy.max_download_mb * 2**20
+    too_large = UrlFailure(
+        "too_large",
+        "the server does not support range requests and the file is larger than "
+        f"--max-download-mb {policy.max_download_mb:g}",
+        False,
+    )
+    length = response.headers.get("Content-Length", "")
+    expected = int(length) if length.isdigit() else None
+    if expected is not None and expected > limit:
+        raise too_large
+    try:
+        file = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (files closes it)
+    except OSError as exc:
+        raise _not_kept(exc) from exc
+    while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
+        if file.tell() + len(chunk) > limit:  # no Content-Length, or one that lied: counted as it comes
+            raise too_large
+        try:
+            file.write(chunk)
+        except OSError as exc:
+            raise _not_kept(exc) from exc
+    if expected is not None and file.tell() < expected:
+        raise UrlFailure("connection_failed", f"the answer broke off after {file.tell()} of {expected} bytes", True)
+    file.seek(0)
+    return file
+
+
+def _not_kept(exc: OSError) -> UrlFailure:
+    """A download this machine cannot keep (no space, no temporary folder): its own failure, not the server's, and
+    not worth fetching again."""
+    where = tempfile.gettempdir()
+    return UrlFailure(
+        "io_error", f"cannot keep the download in {where} ({exc.strerror or exc}): free space or set TMPDIR", False
+    )
 
 
 def _ffmpeg_open(url: str, policy: UrlPolicy) -> av.container.InputContainer:
@@ -143,27 +173,63 @@ def _ffmpeg_open(url: str, policy: UrlPolicy) -> av.container.InputContainer:
     try:
         return av.open(url, metadata_errors="replace", timeout=policy.timeout_s, options=options)
     except av.error.HTTPServerError as exc:
-        raise _Attempt("http_error", f"{exc} (FFmpeg)", True) from exc
+        raise UrlFailure("http_error", f"{exc} (FFmpeg)", True) from exc
     except (av.error.HTTPError, av.error.HTTPClientError) as exc:
-        raise _Attempt("http_error", f"{exc} (FFmpeg)", False) from exc
+        raise UrlFailure("http_error", f"{exc} (FFmpeg)", False) from exc
     except av.error.ExitError as exc:  # PyAV's timeout interrupts FFmpeg, which calls it an exit request
-        raise _Attempt("timeout", f"no data within {policy.timeout_s:g} s", True) from exc
+        raise UrlFailure("timeout", f"no data within {policy.timeout_s:g} s", True) from exc
     except (ConnectionError, TimeoutError) as exc:
-        raise _Attempt("connection_failed", f"connection failed ({exc})", True) from exc
+        raise UrlFailure("connection_failed", f"connection failed ({exc})", True) from exc
 
 
-def _open_url(url: str, policy: UrlPolicy) -> av.container.InputContainer:
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            _first_byte(url, policy.timeout_s)
-            return _ffmpeg_open(url, policy)
-        except _Attempt as attempt:
-            if not attempt.transient or tries > policy.retries:
-                count = f"{tries} {'try' if tries == 1 else 'tries'}"
-                raise DecodeError(attempt.reason, f"{url}: {attempt.what} after {count}") from attempt.__cause__
-            time.sleep(policy.wait_s(tries, attempt.retry_after))
+def _open_http(url: str, policy: UrlPolicy, files: ExitStack) -> av.container.InputContainer:
+    """One try at an http(s) URL: streamed by FFmpeg, or decoded from its download (closed with ``files``)."""
+    download = _probe(url, policy, files)
+    if download is None:
+        return _ffmpeg_open(url, policy)
+    return av.open(download, metadata_errors="replace")
+
+
+def _open_fsspec(url: str, files: ExitStack) -> av.container.InputContainer:
+    """One try at a URL fsspec opens: PyAV reads its file object, which serves each read as a ranged request."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        file = fs.open(path, "rb", block_size=REMOTE_BLOCK_BYTES)
+    except (ImportError, ValueError) as exc:  # fsspec: "Install s3fs to access S3", "Protocol not known"
+        raise UrlFailure("open_failed", f"{exc} (pip install 'soundnet-distill[s3]' for s3://)", False) from exc
+    except FileNotFoundError as exc:
+        raise UrlFailure("not_found", f"no such object ({exc})", False) from exc
+    except PermissionError as exc:
+        raise UrlFailure("access_denied", f"access denied ({exc}): check the credentials", False) from exc
+    except TimeoutError as exc:
+        raise UrlFailure("timeout", f"no answer ({exc})", True) from exc
+    except OSError as exc:
+        raise UrlFailure("connection_failed", f"cannot read ({type(exc).__name__}: {exc})", True) from exc
+    files.enter_context(file)
+    if file.size == 0:
+        raise UrlFailure("empty", "the object is empty (0 bytes)", False)
+    return av.open(file, metadata_errors="replace")
+
+
+T = TypeVar("T")
+
+
+def _with_retries(url: str, policy: UrlPolicy, attempt: Callable[[ExitStack], T], files: ExitStack) -> T:
+    """``attempt(its_files)``, tried again after each transient failure while ``policy`` allows, then a
+    DecodeError. What a failed try opened is closed at once; a successful one's files join ``files``."""
+
+    def one_try() -> T:
+        with ExitStack() as its_files:
+            result = attempt(its_files)
+            files.push(its_files.pop_all())
+            return result
+
+    try:
+        return with_retries(policy, one_try)
+    except UrlFailure as failed:
+        raise DecodeError(failed.reason, f"{url}: {failed.what} after {failed.tried()}") from failed.__cause__
 
 
 def _check_file(source: str) -> None:
@@ -179,17 +245,16 @@ def _check_file(source: str) -> None:
         raise DecodeError("io_error", f"{source}: cannot read ({type(exc).__name__}: {exc})") from exc
 
 
-def open_media(source: str | os.PathLike, url: UrlPolicy | None = None) -> av.container.InputContainer:
-    """Open a local file or an http(s) URL (fetched per ``url``, default :data:`URL_POLICY`) for reading,
-    tolerant of broken metadata encodings."""
-    source = str(source)
+def _open(source: str, policy: UrlPolicy, files: ExitStack) -> av.container.InputContainer:
     try:
         if is_url(source):
-            return _open_url(source, url or URL_POLICY)
+            return _with_retries(source, policy, lambda its_files: _open_http(source, policy, its_files), files)
+        if is_remote(source):
+            return _with_retries(source, policy, lambda its_files: _open_fsspec(source, its_files), files)
         _check_file(source)
         return av.open(source, metadata_errors="replace")
     except av.error.InvalidDataError as exc:
-        kind = None if is_url(source) else container_signature(source)
+        kind = None if is_remote(source) else container_signature(source)
         if kind is not None:
             raise DecodeError("damaged", f"{source}: starts as {kind} but cannot be read (truncated?): {exc}") from exc
         raise DecodeError("not_media", f"{source}: not a readable media file ({exc})") from exc
@@ -197,6 +262,15 @@ def open_media(source: str | os.PathLike, url: UrlPolicy | None = None) -> av.co
         raise DecodeError("open_failed", f"{source}: could not open ({type(exc).__name__}: {exc})") from exc
     except UnicodeDecodeError as exc:
         raise DecodeError("bad_metadata", f"{source}: undecodable metadata ({exc})") from exc
+
+
+@contextmanager
+def open_media(source: str | os.PathLike, url: UrlPolicy | None = None) -> Iterator[av.container.InputContainer]:
+    """A local file or a URL (http(s), fetched per ``url``, default :data:`URL_POLICY`; or any URL fsspec opens),
+    open for reading and tolerant of broken metadata encodings; what it was read from (a download, a remote file)
+    is closed with it."""
+    with ExitStack() as files, _open(str(source), url or URL_POLICY, files) as container:
+        yield container
 
 
 @contextmanager

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
+from soundnet.student.data import READ_ORDERS
 from soundnet.student.loss import KL_NORMS
-from soundnet.student.model import ARCHITECTURES
+from soundnet.student.model import ARCHITECTURES, SoundNet
 from soundnet.student.train import NonFiniteLoss, OutputError, TrainConfig, train
 
 
@@ -19,21 +20,49 @@ def main() -> None:
 
 
 @main.command("import-soundnet")
-@click.argument("npz", type=click.Path(exists=True, dir_okay=False))
+@click.argument("released", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
-def import_soundnet(npz: str, out: Path) -> None:
-    """Convert the released SoundNet8 weights (soundnet8.npz) into a checkpoint, checking every tensor's shape."""
+def import_soundnet(released: str, out: Path) -> None:
+    """Convert the released SoundNet8 weights (soundnet8.npz, or the sound8.npy the public ports publish) into a
+    checkpoint, checking every tensor's shape. sound8.npy is a pickle: only numpy arrays are let out of it."""
     from soundnet.student.checkpoint import save_checkpoint
     from soundnet.student.soundnet_import import import_soundnet8
 
     try:
-        model = import_soundnet8(npz)
-    except (KeyError, ValueError, OSError) as exc:
-        raise click.ClickException(f"{npz}: {exc}") from exc
-    save_checkpoint(out, model, source=str(npz))
+        model = import_soundnet8(released)
+        save_checkpoint(out, model, source=str(released))
+    except (ValueError, OSError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {out}: {_describe(model)}")
+
+
+@main.command("export")
+@click.argument("model")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FILE.safetensors to write; its config goes into its metadata and FILE.json beside it.",
+)
+def export(model: str, out: Path) -> None:
+    """Write MODEL as .safetensors with a JSON config (the format model hubs use). MODEL: a released model's name
+    (soundnet8) or a model file: a checkpoint (student train, import-soundnet), soundnet8.npz, sound8.npy."""
+    from soundnet.student.checkpoint import load_checkpoint, save_safetensors
+    from soundnet.weights import resolve
+
+    try:
+        source = resolve(model)
+        net = load_checkpoint(source)
+        config = save_safetensors(out, net, soundnet_source=Path(source).name)
+    except (ValueError, OSError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {out} and {config}: {_describe(net)}")
+
+
+def _describe(model: SoundNet) -> str:
     params = sum(p.numel() for p in model.parameters())
     heads = ", ".join(f"{name} ({n})" for name, n in model.config.heads.items())
-    click.echo(f"wrote {out}: {model.config.arch}, {params:,} parameters, heads {heads}")
+    return f"{model.config.arch}, {params:,} parameters, heads {heads}"
 
 
 _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
@@ -44,7 +73,8 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     "--shards",
     required=True,
     multiple=True,
-    help="Training shards: a brace pattern, glob, directory or path; repeatable.",
+    help="Training shards: a brace pattern, glob, directory or path, or the same as a URL (https://, s3://, any "
+    "fsspec URL; a run folder URL is read through its index.parquet); repeatable.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), default=_TRAIN.arch, show_default=True)
@@ -62,6 +92,13 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
 @click.option("--beta1", type=float, default=_TRAIN.beta1, show_default=True, help="Adam beta1.")
 @click.option(
     "--kl-weight", type=float, default=_TRAIN.kl_weight, show_default=True, help="Loss = weight x mean KL (lambda)."
+)
+@click.option(
+    "--cosine-weight",
+    type=click.FloatRange(min=0),
+    default=_TRAIN.cosine_weight,
+    show_default=True,
+    help="Loss += weight x mean (1 - cos) over embedding teachers' heads (timm-embed teachers).",
 )
 @click.option(
     "--kl-norm",
@@ -118,6 +155,32 @@ _TRAIN = TrainConfig(shards=[], out="")  # the defaults of `student train`
     "--exclude-mismatched",
     is_flag=True,
     help="Leave out shards whose teachers differ from the set most shards have, instead of refusing the run.",
+)
+@click.option(
+    "--verify-digests/--no-verify-digests",
+    default=_TRAIN.verify_digests,
+    show_default=True,
+    help="Check every sample against the sha256 its run's index records; a changed one is skipped and counted.",
+)
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="Train on a run that was never finished (no index.parquet: `ingest run --resume` finishes it).",
+)
+@click.option(
+    "--read-order",
+    type=click.Choice(READ_ORDERS),
+    default=_TRAIN.read_order,
+    show_default=True,
+    help="sample: each clip read on its own (any order); shard: a few shards at a time, clips read in runs "
+    "(far fewer requests to object storage). Both are exact on resume.",
+)
+@click.option(
+    "--open-shards",
+    type=click.IntRange(min=1),
+    default=_TRAIN.open_shards,
+    show_default=True,
+    help="With --read-order shard: shards mixed at once; each batch takes runs of batch/N clips.",
 )
 def train_command(
     shards: tuple[str, ...], out: Path, val_shards: tuple[str, ...], probe: tuple[str, ...], compile_: bool, **options

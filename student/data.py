@@ -9,16 +9,22 @@ shards keep their complete samples; the damage is counted once.
 
 **Frames to output steps.** SoundNet8 gives one output step per 5 s of a 20 s clip. A layout whose slots divide
 the step (2.5 s: two frames per step) is trained on the mean of the step's teacher distributions, i.e.
-``logsumexp(rows) - log m`` back in log-probs; a layout whose slots are a whole multiple of it (10 s) repeats
-each frame's row for the steps it covers. Anything else, or another sample rate or audio scale, is refused at
+``logsumexp(rows) - log m`` back in log-probs (for an embedding teacher: the mean of the step's unit rows,
+renormalised); a layout whose slots are a whole multiple of it (10 s) repeats each frame's row for the steps it
+covers. Anything else, or another sample rate or audio scale, is refused at
 start (:func:`align`). A clip shorter than the training clip is cut to whole steps and tiled (the paper's rule).
 
 **Exact, resumable order.** The batch of step ``s`` is a pure function of ``(seed, s)``: clip ``p`` of the run
-(``p = s x batch x ranks + rank x batch + i``) is entry ``p mod N`` of the seeded permutation of pass
-``p div N`` over the N indexed samples. Resuming at step k reads exactly what an uninterrupted run reads there,
-whatever the number of loader workers (they only read in parallel). A sample that turns out broken when read is
-replaced by the next sample in index order, so batches stay full; it is reported with the batch, and the trainer
-counts each broken sample once.
+(``p = s x batch x ranks + rank x batch + i``) is entry ``p mod N`` of the order of pass ``p div N`` over the N
+indexed samples (:func:`pass_order`: a seeded permutation, or with ``read_order="shard"`` a few shards at a time in
+runs of consecutive samples, so that object storage sees one request per run instead of one per clip). Resuming at
+step k reads exactly what an uninterrupted run reads there, whatever the number of loader workers (they only read
+in parallel). A sample that turns out broken when read (it does not decode, or its bytes differ from the sha256 its
+run's index records) is replaced by the next sample in index order, so batches stay full; it is reported with the
+batch, and the trainer counts each broken sample once.
+
+**Where the shards are.** Paths or URLs (``shards.remote``); a sample is one ranged read of its byte span, and the
+samples of a batch that lie back to back in a shard are fetched with one read.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +42,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from soundnet.shards import remote
+from soundnet.shards.catalog import Digests, Ledger, read_ledgers
 from soundnet.shards.contract import AUDIO_DTYPE, AUDIO_SCALE, DEFAULT_LAYOUT, ClipLayout
-from soundnet.shards.reader import SampleSpan, read_raw, scan_shard
-from soundnet.shards.schema import Sample, decode_sample
+from soundnet.shards.reader import SampleSpan, ShardIndex, index_from_spans, read_many, read_raw, scan_shard
+from soundnet.shards.schema import EMBEDDING, POSTERIOR, Sample, decode_sample, teacher_kind, teacher_width
+from soundnet.shards.verify import digest_problems
 from soundnet.student.model import SoundNet
 
 log = logging.getLogger(__name__)
@@ -75,8 +86,9 @@ class Alignment:
     pool: int = 1
     repeat: int = 1
 
-    def rows(self, r: np.ndarray) -> np.ndarray:
-        """One float32 log-prob row per covered step, at most ``steps``, from a teacher's ``[F, C]`` frames."""
+    def rows(self, r: np.ndarray, kind: str = POSTERIOR) -> np.ndarray:
+        """One float32 row per covered step, at most ``steps``, from a teacher's ``[F, C]`` frames: pooled frames
+        are the mean distribution (log-probs) or the mean direction (unit embeddings)."""
         r = r.astype(np.float32)
         if self.repeat > 1:
             return np.repeat(r, self.repeat, axis=0)[: self.steps]
@@ -84,6 +96,8 @@ class Alignment:
             return r[: self.steps]
         k = max(1, min(self.steps, r.shape[0] // self.pool))
         groups = [r[t * self.pool : (t + 1) * self.pool] for t in range(k)]
+        if kind == EMBEDDING:
+            return np.stack([_unit(g.mean(axis=0)) for g in groups])
         return np.stack([_logsumexp(g) - math.log(len(g)) for g in groups])
 
 
@@ -120,11 +134,13 @@ def model_alignment(model: SoundNet, layout: ClipLayout, where: str) -> Alignmen
     return align(layout, steps, CLIP_SAMPLES // steps, model.config.sample_rate, where)
 
 
-def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) -> dict[str, Any]:
+def make_example(
+    sample: Sample, heads: dict[str, int], alignment: Alignment, kinds: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A training example ``{"key", "audio": int16 [CLIP_SAMPLES], "targets": {head: float16 [steps, C]}}``.
 
-    Raises ValueError saying what is wrong when the sample cannot train ``heads`` (teachers the heads do not name
-    are ignored) or records another layout than its shard.
+    ``kinds`` names each head's kind (default: posterior). Raises ValueError saying what is wrong when the sample
+    cannot train ``heads`` (teachers the heads do not name are ignored) or records another layout than its shard.
     """
     audio = sample.audio
     if audio.dtype != np.int16 or audio.ndim != 1 or audio.size == 0:
@@ -143,7 +159,7 @@ def make_example(sample: Sample, heads: dict[str, int], alignment: Alignment) ->
     if len({r.shape[0] for r in rows.values()}) > 1:
         raise ValueError(f"teachers disagree on the number of frames: { {n: r.shape[0] for n, r in rows.items()} }")
     check_frames(next(iter(rows.values())).shape[0], sample.meta.get("duration_s"), alignment.layout)
-    stepped = {name: alignment.rows(r) for name, r in rows.items()}
+    stepped = {name: alignment.rows(r, (kinds or {}).get(name, POSTERIOR)) for name, r in rows.items()}
     audio, targets = tile_clip(audio, stepped, alignment.steps, alignment.step_samples)
     targets = {name: r.astype(np.float16) for name, r in targets.items()}
     return {"key": sample.key, "audio": audio, "targets": targets}
@@ -168,7 +184,8 @@ def check_frames(frames: int, duration_s: Any, layout: ClipLayout) -> None:
 # ---- the shard set --------------------------------------------------------------------------------------------
 @dataclass
 class ShardSet:
-    """The usable samples of a run's shards, with the one teacher set and clip layout they share."""
+    """The usable samples of a run's shards, with the one teacher set and clip layout they share, and the member
+    digests their run's index records for them (where it does)."""
 
     urls: list[str]
     spans: list[list[SampleSpan]]
@@ -176,6 +193,11 @@ class ShardSet:
     layout: ClipLayout
     damaged: dict[str, str] = field(default_factory=dict)  # url -> what is wrong; complete samples are kept
     excluded: dict[str, str] = field(default_factory=dict)  # url -> why it was left out
+    kinds: dict[str, str] = field(default_factory=dict)  # head -> posterior | embedding, for every head
+    duplicates: dict[str, str] = field(default_factory=dict)  # url -> which of its samples another shard holds
+    notes: list[str] = field(default_factory=list)  # what cannot be checked (no index, no digests)
+    warnings: list[str] = field(default_factory=list)  # what was accepted though wrong (an unfinished run)
+    digests: list[tuple[Digests | None, np.ndarray]] = field(default_factory=list)  # per shard: digests, rows
 
     def __post_init__(self) -> None:
         self.offsets = np.cumsum([0] + [len(s) for s in self.spans])
@@ -183,9 +205,25 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s in self.spans]
+
+    def shard_of(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right")) - 1
+
     def locate(self, index: int) -> tuple[str, SampleSpan]:
-        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        shard = self.shard_of(index)
         return self.urls[shard], self.spans[shard][index - int(self.offsets[shard])]
+
+    def recorded(self, index: int) -> dict[str, str] | None:
+        """Member -> sha256 the run's index records for sample ``index``; None where it records none."""
+        if not self.digests:
+            return None
+        shard = self.shard_of(index)
+        digests, rows = self.digests[shard]
+        row = int(rows[index - int(self.offsets[shard])])
+        return digests.of(row) if digests is not None and row >= 0 else None
 
 
 def scan_shards(
@@ -194,18 +232,24 @@ def scan_shards(
     heads: dict[str, int] | None = None,
     layout: ClipLayout | None = None,
     exclude_mismatched: bool = False,
+    kinds: dict[str, str] | None = None,
+    allow_unfinished: bool = False,
 ) -> ShardSet:
-    """Index ``urls`` and check they share one teacher set (``heads`` if given, else the one all shards name)
-    and one clip layout; raises ValueError naming the shards that disagree and the way out."""
-    found: dict[str, tuple[list[SampleSpan], dict[str, int], ClipLayout]] = {}
+    """Index ``urls`` (paths or URLs) and check they share one teacher set (``heads`` and ``kinds`` if given, else
+    the one all shards name) and one clip layout; raises ValueError naming the shards that disagree and the way out,
+    and ``UnfinishedRun`` for shards of a run that was never finished (unless ``allow_unfinished``). A sample whose
+    key an earlier shard holds too (a copied shard) is kept once."""
+    ledgers, notes = read_ledgers(urls, allow_unfinished)
+    found: dict[str, tuple[list[SampleSpan], dict[str, int], ClipLayout, dict[str, str]]] = {}
     damaged: dict[str, str] = {}
-    for url in urls:
-        index = scan_shard(url)
+    with ThreadPoolExecutor(min(16, len(urls)) or 1) as pool:  # remote shards: many small requests at once
+        indexes = list(pool.map(lambda url: _shard_index(url, ledgers), urls))
+    for url, index in zip(urls, indexes):
         if index.damage is not None:
             damaged[url] = index.damage
         if index.samples:
             try:
-                heads_found, layout_found, frames, duration_s = _header(index.first_meta)
+                heads_found, layout_found, frames, duration_s, kinds_found = _header(index.first_meta)
             except ValueError as exn:
                 damaged[url] = f"{exn}; the shard is skipped"
                 continue
@@ -213,31 +257,97 @@ def scan_shards(
                 check_frames(frames, duration_s, layout_found)
             except ValueError as exn:
                 raise ValueError(f"{url}: its first sample's {exn}; {FIX}") from exn
-            found[url] = (index.samples, heads_found, layout_found)
+            found[url] = (index.samples, heads_found, layout_found, kinds_found)
     if not found:
         raise ValueError(f"none of the {len(urls)} shard(s) holds a readable sample: {_named(damaged)}")
-    sets = _group(found, lambda v: json.dumps(v[1], sort_keys=True))
-    wanted = json.dumps(heads, sort_keys=True) if heads is not None else max(sets, key=lambda s: len(sets[s]))
-    excluded = {url: f"teachers {_teachers(found[url][1])}" for s, us in sets.items() if s != wanted for url in us}
+    sets = _group(found, lambda v: _teacher_set(v[1], v[3]))
+    wanted = _teacher_set(heads, kinds or {}) if heads is not None else max(sets, key=lambda s: len(sets[s]))
+    excluded = {
+        url: f"teachers {_teachers(found[url][1], found[url][3])}"
+        for s, us in sets.items()
+        if s != wanted
+        for url in us
+    }
     if excluded and not exclude_mismatched:
-        listing = "; ".join(f"{_teachers(json.loads(s))} in {_named(us)}" for s, us in sets.items())
+        listing = "; ".join(f"{_teachers(*json.loads(s))} in {_named(us)}" for s, us in sets.items())
         raise ValueError(
             f"the shards do not share one teacher set: {listing}. Train on one set: pass only matching shards, "
-            f"or --exclude-mismatched to leave out all but {_teachers(json.loads(wanted))}"
+            f"or --exclude-mismatched to leave out all but {_teachers(*json.loads(wanted))}"
         )
     kept = {url: v for url, v in found.items() if url not in excluded}
     if not kept:
-        raise ValueError(f"no shard has the student's teachers {_teachers(heads or {})}: {_named(excluded)}")
+        raise ValueError(
+            f"no shard has the student's teachers {_teachers(heads or {}, kinds or {})}: {_named(excluded)}"
+        )
     _check_one_layout(_group(kept, lambda v: v[2]), layout)
+    spans, duplicates = _once_each({url: v[0] for url, v in kept.items()})
+    digests, unrecorded = _recorded(spans, ledgers)
     first = next(iter(kept.values()))
     return ShardSet(
-        urls=list(kept),
-        spans=[v[0] for v in kept.values()],
+        urls=list(spans),
+        spans=list(spans.values()),
         heads=first[1],
         layout=first[2],
         damaged=damaged,
         excluded=excluded,
+        kinds=first[3],
+        duplicates=duplicates,
+        notes=notes,
+        warnings=[ledger.warning for ledger in ledgers.values() if ledger.warning] + unrecorded,
+        digests=digests,
     )
+
+
+def _shard_index(url: str, ledgers: dict[str, Ledger]) -> ShardIndex:
+    """A shard's index: from its run's recorded byte ranges for a URL (one read per shard instead of one per tar
+    header), else from its tar headers."""
+    ledger = ledgers.get(remote.parent(url))
+    spans = ledger.spans_of(remote.name(url)) if ledger is not None and remote.is_url(url) else None
+    return index_from_spans(url, [SampleSpan(*span) for span in spans]) if spans else scan_shard(url)
+
+
+def _once_each(spans: dict[str, list[SampleSpan]]) -> tuple[dict[str, list[SampleSpan]], dict[str, str]]:
+    """Each key once, in the first shard that holds it; shards left empty are dropped. Also says, per shard, which
+    of its samples were dropped and where they are kept."""
+    first: dict[str, str] = {}
+    unique: dict[str, list[SampleSpan]] = {}
+    duplicates: dict[str, str] = {}
+    for url, shard_spans in spans.items():
+        again = Counter(first[s.key] for s in shard_spans if s.key in first)
+        kept = [s for s in shard_spans if s.key not in first]
+        for s in kept:
+            first[s.key] = url
+        if again:
+            where = ", ".join(f"{n} in {other}" for other, n in again.items())
+            duplicates[url] = (
+                f"{sum(again.values())} of its {len(shard_spans)} sample(s) have keys already in another shard "
+                f"({where}): a copied shard? Each is trained once"
+            )
+        if kept:
+            unique[url] = kept
+    return unique, duplicates
+
+
+def _recorded(
+    spans: dict[str, list[SampleSpan]], ledgers: dict[str, Ledger]
+) -> tuple[list[tuple[Digests | None, np.ndarray]], list[str]]:
+    """Per shard, its run's digests and the row of each of its samples (-1: not in the index), and a warning for
+    each shard whose samples the index lacks though it records digests."""
+    digests: list[tuple[Digests | None, np.ndarray]] = []
+    unrecorded: list[str] = []
+    for url, shard_spans in spans.items():
+        ledger = ledgers.get(remote.parent(url))
+        if ledger is None or ledger.digests is None:
+            digests.append((None, np.full(len(shard_spans), -1)))
+            continue
+        rows = np.array([ledger.rows.get(s.key, -1) for s in shard_spans], dtype=np.int64)
+        digests.append((ledger.digests, rows))
+        if (missing := int((rows < 0).sum())) > 0:
+            unrecorded.append(
+                f"{url}: {missing} of its {len(rows)} sample(s) are not in {ledger.origin} of {ledger.folder}: "
+                "their digests cannot be checked"
+            )
+    return digests, unrecorded
 
 
 def _check_one_layout(layouts: dict[ClipLayout, list[str]], wanted: ClipLayout | None) -> None:
@@ -256,20 +366,21 @@ def _check_one_layout(layouts: dict[ClipLayout, list[str]], wanted: ClipLayout |
         )
 
 
-def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout, int, Any]:
-    """The teachers with class counts, the clip layout, the frame count and the duration a shard's first sample
-    records."""
+def _header(meta_bytes: bytes | None) -> tuple[dict[str, int], ClipLayout, int, Any, dict[str, str]]:
+    """The teachers with their widths, the clip layout, the frame count, the duration and the teachers' kinds a
+    shard's first sample records."""
     try:
         meta = json.loads(meta_bytes) if meta_bytes is not None else None
         teachers = meta["teachers"]
-        heads = {str(name): int(info["classes"]) for name, info in teachers.items()}
+        heads = {str(name): teacher_width(info) for name, info in teachers.items()}
+        kinds = {str(name): teacher_kind(info) for name, info in teachers.items()}
         layout = ClipLayout.from_json(meta.get("layout"))
         frames = len(meta["frame_times_s"])
     except (TypeError, KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exn:
         raise ValueError(f"its first sample has no readable teachers and layout in its json ({exn!r})") from exn
     if not heads:
         raise ValueError("its first sample names no teachers")
-    return heads, layout, frames, meta.get("duration_s")
+    return heads, layout, frames, meta.get("duration_s"), kinds
 
 
 def _group(found: dict[str, Any], signature) -> dict[Any, list[str]]:
@@ -285,8 +396,14 @@ def _named(urls: Any, most: int = 5) -> str:
     return f"{len(urls)} shard(s) " + ", ".join(urls[:most]) + more
 
 
-def _teachers(heads: dict[str, int]) -> str:
-    return "{" + ", ".join(f"{n} {c}" for n, c in heads.items()) + "}"
+def _teacher_set(heads: dict[str, int], kinds: dict[str, str]) -> str:
+    """What shards must share: each teacher's width and kind (posterior where none is recorded)."""
+    return json.dumps([heads, {n: kinds.get(n, POSTERIOR) for n in heads}], sort_keys=True)
+
+
+def _teachers(heads: dict[str, int], kinds: dict[str, str] | None = None) -> str:
+    named = [f"{n} {c}-d embedding" if (kinds or {}).get(n) == EMBEDDING else f"{n} {c}" for n, c in heads.items()]
+    return "{" + ", ".join(named) + "}"
 
 
 def _describe(layout: ClipLayout) -> str:
@@ -301,22 +418,38 @@ def _logsumexp(rows: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(rows - top).sum(axis=0))
 
 
+def _unit(row: np.ndarray) -> np.ndarray:
+    return row / max(float(np.linalg.norm(row)), 1e-12)
+
+
 # ---- reading clips ---------------------------------------------------------------------------------------------
 class Clips(Dataset):
-    """Training examples by index into a :class:`ShardSet`; item ``i`` also lists the broken samples met."""
+    """Training examples by index into a :class:`ShardSet`; item ``i`` also lists the broken samples met.
 
-    def __init__(self, shards: ShardSet, alignment: Alignment) -> None:
+    With ``verify_digests`` each sample's members are checked against the sha256 its run's index records before
+    it is used: a sample whose bytes changed after writing is broken like one that does not decode.
+    """
+
+    def __init__(self, shards: ShardSet, alignment: Alignment, verify_digests: bool = True) -> None:
         self.shards = shards
         self.alignment = alignment
+        self.verify_digests = verify_digests
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def example(self, index: int) -> dict[str, Any]:
-        """Sample ``index`` as a training example; ValueError names the shard and key when it is broken."""
+    def example(self, index: int, raw: dict[str, Any] | Exception | None = None) -> dict[str, Any]:
+        """Sample ``index`` (read now unless ``raw`` holds it or how reading it failed) as a training example;
+        ValueError names the shard, the key and what is wrong when it is broken."""
         url, span = self.shards.locate(index)
         try:
-            return make_example(decode_sample(read_raw(url, span)), self.shards.heads, self.alignment)
+            raw = read_raw(url, span) if raw is None else raw
+            if isinstance(raw, Exception):
+                raise raw
+            recorded = self.shards.recorded(index) if self.verify_digests else None
+            if recorded is not None and (problems := digest_problems(recorded, raw)):
+                raise ValueError("; ".join(problems))
+            return make_example(decode_sample(raw), self.shards.heads, self.alignment, self.shards.kinds)
         except (ValueError, OSError) as exn:
             raise ValueError(f"{url}:{span.key}: {exn}") from exn
 
@@ -329,16 +462,77 @@ class Clips(Dataset):
                 broken.append(str(exn))
         raise ValueError(f"no usable sample in {_named(self.shards.urls)}: {broken[:3]}...")
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch, the same as item by item: samples lying back to back in a shard are fetched together, one
+        ranged read per run of them, and reads at URLs are made at once; a broken one is replaced as
+        :meth:`__getitem__` does."""
+        raws = read_many([self.shards.locate(index) for index in indices])
+        batch = []
+        for index, raw in zip(indices, raws):
+            try:
+                batch.append({**self.example(index, raw), "broken": []})
+            except ValueError:
+                batch.append(self[index])
+        return batch
+
+
+READ_ORDERS = ("sample", "shard")
+
+
+def pass_order(
+    seed: int, pass_: int, sizes: Sequence[int], read_order: str = "sample", open_shards: int = 8, chunk: int = 1
+) -> list[int]:
+    """The order in which pass ``pass_`` visits the samples of shards holding ``sizes`` samples (indices into
+    their concatenation): a function of its arguments alone.
+
+    ``sample``: a seeded permutation of all samples (each sample is one ranged read). ``shard``: the shards in a
+    seeded order, taken ``open_shards`` at a time; each group's samples in runs of ``chunk`` consecutive samples
+    of one shard, the runs of the group in a seeded order (each run is one ranged read).
+    """
+    if read_order == "sample":
+        return np.random.default_rng([seed, pass_]).permutation(sum(sizes)).tolist()
+    if read_order != "shard":
+        raise ValueError(f"read order must be one of {READ_ORDERS}, got {read_order!r}")
+    rng = np.random.default_rng([seed, pass_, 1])
+    starts = np.cumsum([0, *sizes]).tolist()
+    shards = rng.permutation(len(sizes)).tolist()
+    order: list[int] = []
+    for first in range(0, len(shards), open_shards):
+        runs = [
+            (starts[s] + i, starts[s] + min(i + chunk, sizes[s]))
+            for s in shards[first : first + open_shards]
+            for i in range(0, sizes[s], chunk)
+        ]
+        for run in rng.permutation(len(runs)).tolist():
+            order.extend(range(*runs[run]))
+    return order
+
 
 class StepBatches(Sampler[list[int]]):
-    """The sample indices of this rank's batch for each step from ``start`` to ``steps``: a function of (seed, step)."""
+    """The sample indices of this rank's batch for each step from ``start`` to ``steps``: a function of (seed, step).
+
+    With ``read_order="shard"`` each pass takes the shards ``open_shards`` at a time and a rank's batch is read in
+    about ``open_shards`` ranged reads of ``ceil(batch_size / open_shards)`` consecutive samples (:func:`pass_order`).
+    """
 
     def __init__(
-        self, size: int, batch_size: int, *, seed: int, start: int, steps: int, rank: int = 0, world_size: int = 1
+        self,
+        sizes: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int,
+        start: int,
+        steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        read_order: str = "sample",
+        open_shards: int = 8,
     ) -> None:
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.sizes, self.size, self.batch_size, self.seed = list(sizes), sum(sizes), batch_size, seed
         self.start, self.steps, self.rank, self.world_size = start, steps, rank, world_size
-        self._pass: tuple[int, np.ndarray] | None = None
+        self.read_order, self.open_shards = read_order, open_shards
+        self.chunk = -(-batch_size // open_shards)
+        self._pass: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
@@ -353,7 +547,8 @@ class StepBatches(Sampler[list[int]]):
 
     def _order(self, pass_: int) -> list[int]:
         if self._pass is None or self._pass[0] != pass_:
-            self._pass = pass_, np.random.default_rng([self.seed, pass_]).permutation(self.size).tolist()
+            order = pass_order(self.seed, pass_, self.sizes, self.read_order, self.open_shards, self.chunk)
+            self._pass = pass_, order
         return self._pass[1]
 
 
@@ -375,10 +570,15 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    read_order: str = "sample",
+    open_shards: int = 8,
 ) -> DataLoader:
     """Batches for steps ``start + 1 .. steps``: ``{"key": [B], "audio": int16 [B, CLIP_SAMPLES],
-    "targets": {head: float16 [B, steps, C]}, "broken": [str]}``."""
-    sampler = StepBatches(len(clips), batch_size, seed=seed, start=start, steps=steps, rank=rank, world_size=world_size)
+    "targets": {head: float16 [B, steps, C]}, "broken": [str]}``, in ``read_order`` (:func:`pass_order`)."""
+    sampler = StepBatches(
+        clips.shards.sizes, batch_size, seed=seed, start=start, steps=steps, rank=rank, world_size=world_size,
+        read_order=read_order, open_shards=open_shards,
+    )  # fmt: skip
     return DataLoader(
         clips,
         batch_sampler=sampler,

@@ -3,6 +3,8 @@
 The layer tables are the paper's Table 1 (and cvondrick/soundnet main_train.lua for the 8-layer net). A network is
 a plain sequence of stages; each stage has a name (``conv1``, ``pool1``, ...) so that features can be taken from
 any of them, and the last conv is split into one head per teacher (``conv8_imagenet``, ``conv8_places`` ...).
+A head is of its teacher's kind: a posterior head outputs logits over the teacher's classes, an embedding head a
+unit vector per step in the teacher's embedding space (its conv output, L2-normalised over channels).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from soundnet.shards.contract import SAMPLE_RATE
+from soundnet.shards.schema import EMBEDDING, POSTERIOR, TEACHER_KINDS
 
 INPUT_SCALE = 256.0
 """The released model's input convention: it saw waveforms in [-1, 1] times 256. The model applies it itself."""
@@ -76,6 +80,7 @@ class ModelConfig:
     bn_eps: float = 1e-5
     sample_rate: int = SAMPLE_RATE  # the rate its input must have
     input_scale: float = INPUT_SCALE  # applied inside ``features``: callers pass waveforms in [-1, 1]
+    head_kinds: dict[str, str] = field(default_factory=dict)  # head -> posterior | embedding; unnamed: posterior
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -85,6 +90,11 @@ class ModelConfig:
         for name in self.heads:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"head name {name!r} must be letters, digits, '_' or '-'")
+        unknown = {n: k for n, k in self.head_kinds.items() if n not in self.heads or k not in TEACHER_KINDS}
+        if unknown:
+            raise ValueError(f"head kinds {unknown} name no head of {list(self.heads)} or no kind of {TEACHER_KINDS}")
+        # every head's kind, in head order: checkpoints made before embedding heads have none and hold posteriors
+        self.head_kinds = {name: self.head_kinds.get(name, POSTERIOR) for name in self.heads}
 
 
 def _out_len(n: int, kernel: int, stride: int, padding: int) -> int:
@@ -207,10 +217,12 @@ class SoundNet(nn.Module):
         for name, head_name in zip(self.config.heads, self.head_names):
             if head_name in wanted:
                 out[head_name] = self.heads[name](x)
+                if self.config.head_kinds[name] == EMBEDDING:
+                    out[head_name] = F.normalize(out[head_name], dim=1)
         return {layer: out[layer] for layer in wanted}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Head logits ``{teacher name: [B, classes, steps]}``."""
+        """Head outputs ``{teacher name: [B, C, steps]}``: logits, or unit embeddings for an embedding head."""
         outs = self.features(x, self.head_names)
         return {name: outs[head] for name, head in zip(self.config.heads, self.head_names)}
 

@@ -10,8 +10,8 @@ from soundnet.shards.atomic import atomic_path
 
 
 def write_loss_curves(metrics: str | os.PathLike, png: str | os.PathLike) -> None:
-    """Plot the total loss and the KL per teacher over steps (and the held-out KL where reported), and in a third
-    panel the accuracy of each ``--probe`` where there is one, atomically.
+    """Plot the total loss and the term per teacher (KL, or 1 - cos for an embedding) over steps (and the held-out
+    KL where reported), and in a third panel the accuracy of each ``--probe`` where there is one, atomically.
 
     Lines of ``metrics`` that are not complete records (a crash mid-write) are left out.
     """
@@ -27,10 +27,11 @@ def write_loss_curves(metrics: str | os.PathLike, png: str | os.PathLike) -> Non
     fig = Figure(figsize=(15 if probes else 10, 4), layout="constrained")
     loss_ax, kl_ax, *probe_ax = fig.subplots(1, 3 if probes else 2)
     _plot(loss_ax, records, "loss", "training loss")
-    for name in sorted({k for r in records for k in r if k.startswith(("kl_", "val_kl_"))}):
-        _plot(kl_ax, records, name, name.replace("val_kl_", "held-out KL ").replace("kl_", "KL "))
+    for name in sorted({k for r in records for k in r if k.startswith(("kl_", "val_kl_", "cos_dist_"))}):
+        label = name.replace("val_kl_", "held-out KL ").replace("kl_", "KL ").replace("cos_dist_", "1 - cos ")
+        _plot(kl_ax, records, name, label)
     loss_ax.set(xlabel="step", ylabel="loss (lambda x mean KL)", title="total loss")
-    kl_ax.set(xlabel="step", ylabel="KL (as in the loss)", title="KL per teacher")
+    kl_ax.set(xlabel="step", ylabel="KL or 1 - cos (as in the loss)", title="term per teacher")
     kl_ax.legend()
     for name in probes:
         _plot(probe_ax[0], records, name, name[6:], marker=True)

@@ -36,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from soundnet.shards.atomic import atomic_path
 from soundnet.shards.reader import expand_shards
+from soundnet.shards.schema import EMBEDDING
 from soundnet.student.checkpoint import OutputError, read_checkpoint, save_checkpoint, writing
 from soundnet.student.data import Clips, HeldOut, ShardSet, make_loader, model_alignment, scan_shards, to_device
 from soundnet.student.distributed import (
@@ -48,7 +49,7 @@ from soundnet.student.distributed import (
     shutdown,
     waiting_group,
 )
-from soundnet.student.loss import KL_WEIGHT, distill_loss, kl_terms, top1_agreement
+from soundnet.student.loss import COSINE_WEIGHT, KL_WEIGHT, cosine_agreement, distill_loss, kl_terms, top1_agreement
 from soundnet.student.model import ModelConfig, SoundNet, build_model
 from soundnet.student.plots import write_loss_curves
 
@@ -69,6 +70,7 @@ class TrainConfig:
     lr: float = 1e-3
     beta1: float = 0.9
     kl_weight: float = KL_WEIGHT
+    cosine_weight: float = COSINE_WEIGHT  # of the mean cosine distance over embedding heads
     kl_norm: str = "mean"  # "mean" (the paper) or "sample" (see student.loss.KL_NORMS)
     temperature: float = 1.0
     workers: int = 4  # DataLoader workers per rank
@@ -82,6 +84,10 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     exclude_mismatched: bool = False  # leave out shards with another teacher set instead of refusing
+    verify_digests: bool = True  # check each sample against the sha256 its run's index records
+    allow_unfinished: bool = False  # train on a run whose ledgers were never merged instead of refusing
+    read_order: str = "sample"  # "sample" (one ranged read per clip) or "shard" (see student.data.pass_order)
+    open_shards: int = 8  # with read_order "shard": shards read at once
     keep_checkpoints: int = 3  # newest step-N.pt files kept besides last.pt; 0: none written
     probe: list[str] = field(default_factory=list)  # DATASET:DIR sets scored with the evaluator's protocol
     probe_layer: str = "pool5"
@@ -89,16 +95,18 @@ class TrainConfig:
 
 RESUME_RULES: dict[str, str] = {
     # refused: the run would go on minimising another loss on another network (its loss curve would jump)
-    "arch": "refused", "kl_weight": "refused", "kl_norm": "refused", "temperature": "refused",
+    "arch": "refused", "kl_weight": "refused", "cosine_weight": "refused", "kl_norm": "refused",
+    "temperature": "refused",
     # applied to the optimiser's param groups after its state is loaded, and logged
     "lr": "optimiser", "beta1": "optimiser",
     # applied, with a warning that the run no longer equals an uninterrupted one (other batches or numerics)
     "batch_size": "not exact", "seed": "not exact", "amp": "not exact", "compile": "not exact",
+    "read_order": "not exact", "open_shards": "not exact",
     # applied: what is read, run, logged, saved or probed, not how the weights move
     "shards": "applied", "out": "applied", "steps": "applied", "workers": "applied", "device": "applied",
     "log_every": "applied", "checkpoint_every": "applied", "val_shards": "applied", "val_every": "applied",
     "resume": "applied", "exclude_mismatched": "applied", "keep_checkpoints": "applied", "probe": "applied",
-    "probe_layer": "applied",
+    "probe_layer": "applied", "verify_digests": "applied", "allow_unfinished": "applied",
 }  # fmt: skip
 """What ``--resume`` does with each option that differs from the checkpoint's (README, "Exact resumption")."""
 
@@ -130,12 +138,16 @@ def _train(cfg: TrainConfig, where: Dist) -> dict[str, Any]:
     loader = make_loader(
         clips, cfg.batch_size, seed=cfg.seed, start=start, steps=cfg.steps, workers=cfg.workers,
         rank=where.rank, world_size=where.world_size, pin_memory=where.device.type == "cuda",
+        read_order=cfg.read_order, open_shards=cfg.open_shards,
     )  # fmt: skip
-    window = Window(cfg, where, shards.heads, broken, last_saved=start if start else None, data=_data_id(cfg, shards))
+    window = Window(cfg, where, shards.kinds, broken, last_saved=start if start else None, data=_data_id(cfg, shards))
     metrics = _open_metrics(out / "metrics.jsonl", keep_until=start) if where.is_main else None
     _announce(cfg, model, shards, where, amp, start, say)
 
-    loss_fn = dict(weight=cfg.kl_weight, norm=cfg.kl_norm, temperature=cfg.temperature)
+    loss_fn = dict(
+        kinds=shards.kinds, weight=cfg.kl_weight, cosine_weight=cfg.cosine_weight, norm=cfg.kl_norm,
+        temperature=cfg.temperature,
+    )  # fmt: skip
     batches = iter(loader)
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not (where.is_main and sys.stderr.isatty()))
     with bar, logging_redirect_tqdm():
@@ -193,18 +205,26 @@ def _prepare_out(out: Path) -> None:
 
 def _scan(cfg: TrainConfig, warn) -> tuple[ShardSet, ShardSet | None]:
     """Index the training (and held-out) shards, checking they share one teacher set and clip layout."""
-    shards = scan_shards(expand_shards(cfg.shards), exclude_mismatched=cfg.exclude_mismatched)
+    options = dict(exclude_mismatched=cfg.exclude_mismatched, allow_unfinished=cfg.allow_unfinished)
+    shards = scan_shards(expand_shards(cfg.shards), **options)
     held_out = None
     if cfg.val_shards:
         held_out = scan_shards(
-            expand_shards(cfg.val_shards), heads=shards.heads, layout=shards.layout,
-            exclude_mismatched=cfg.exclude_mismatched,
-        )  # fmt: skip
+            expand_shards(cfg.val_shards), heads=shards.heads, layout=shards.layout, kinds=shards.kinds, **options
+        )
     for found in (shards, held_out):
         for url, why in (found.excluded if found else {}).items():
             warn("left out %s (--exclude-mismatched): %s, not the run's teachers %s", url, why, shards.heads)
         for url, damage in (found.damaged if found else {}).items():
             warn("damaged shard %s: %s; its complete samples are used", url, damage)
+        for url, which in (found.duplicates if found else {}).items():
+            warn("shard %s: %s", url, which)
+        for what in found.warnings if found else []:
+            warn("%s", what)
+        for note in found.notes if found else []:
+            warn("note: %s", note)
+    if not cfg.verify_digests:
+        warn("note: --no-verify-digests: samples are not checked against their recorded sha256 digests")
     return shards, held_out
 
 
@@ -213,7 +233,7 @@ def _build(
 ) -> tuple[SoundNet, Clips, HeldOut | None]:
     """The model (the same initial weights on every rank: seeded) and its clips, aligned to its output steps."""
     torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(cfg.arch, shards.heads))
+    model = build_model(ModelConfig(cfg.arch, shards.heads, head_kinds=shards.kinds))
     alignment = model_alignment(model, shards.layout, shards.urls[0])
     if alignment.pool > 1 or alignment.repeat > 1:
         log.info(
@@ -223,8 +243,9 @@ def _build(
         )  # fmt: skip
     held_out = None
     if held_out_shards is not None:
-        held_out = HeldOut(Clips(held_out_shards, alignment), cfg.batch_size, where.rank, where.world_size)
-    return model.to(where.device), Clips(shards, alignment), held_out
+        held_out_clips = Clips(held_out_shards, alignment, cfg.verify_digests)
+        held_out = HeldOut(held_out_clips, cfg.batch_size, where.rank, where.world_size)
+    return model.to(where.device), Clips(shards, alignment, cfg.verify_digests), held_out
 
 
 def _resume(
@@ -237,11 +258,11 @@ def _resume(
     if found is None:
         return 0, damage
     path, state = found
-    saved = state["config"]
-    if saved["arch"] != cfg.arch or saved["heads"] != shards.heads:
+    saved = ModelConfig(**state["config"])
+    if (saved.arch, saved.heads, saved.head_kinds) != (cfg.arch, shards.heads, model.config.head_kinds):
         raise ValueError(
-            f"{path} is a {saved['arch']} with heads {saved['heads']}; this run asks for {cfg.arch} "
-            f"and the shards give heads {shards.heads}"
+            f"{path} is a {saved.arch} with heads {saved.heads} of kinds {saved.head_kinds}; this run asks for "
+            f"{cfg.arch} and the shards give heads {shards.heads} of kinds {model.config.head_kinds}"
         )
     changed = _changed_options(cfg, state, path)
     if state.get("data", {}).get("shards") != _data_id(cfg, shards)["shards"]:
@@ -359,8 +380,12 @@ def _announce(cfg: TrainConfig, model: SoundNet, shards: ShardSet, where: Dist, 
 
 
 def _data_id(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
-    """What fixes the data order: the seed, the shards and their sample counts."""
-    return {"seed": cfg.seed, "shards": [[Path(u).name, len(s)] for u, s in zip(shards.urls, shards.spans)]}
+    """What fixes the data order: the seed, the shards and their sample counts, and a read order other than the
+    default."""
+    found = {"seed": cfg.seed, "shards": [[Path(u).name, len(s)] for u, s in zip(shards.urls, shards.spans)]}
+    if cfg.read_order != "sample":
+        found["read_order"] = [cfg.read_order, cfg.open_shards]
+    return found
 
 
 # ---- the loop's helpers --------------------------------------------------------------------------------------
@@ -372,7 +397,7 @@ def train_step(
     amp: bool,
     **loss_options: Any,
 ) -> torch.Tensor:
-    """One optimiser step; returns ``[loss, KL per head]`` detached on the device, without waiting for it."""
+    """One optimiser step; returns ``[loss, term per head]`` detached on the device, without waiting for it."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = net(x)
     loss, terms = distill_loss(logits, targets, **loss_options)
@@ -390,15 +415,15 @@ class Window:
         self,
         cfg: TrainConfig,
         where: Dist,
-        heads: dict[str, int],
+        kinds: dict[str, str],
         broken: list[str],
         last_saved: int | None,
         data: dict[str, Any],
     ) -> None:
-        self.cfg, self.where, self.heads, self.data = cfg, where, list(heads), data
+        self.cfg, self.where, self.kinds, self.data = cfg, where, kinds, data
         self.broken = dict.fromkeys(broken)  # all ranks, since the run began (kept in checkpoints)
         self.new_broken: list[str] = []  # this rank, since the last report
-        self.sums = torch.zeros(1 + len(heads), dtype=torch.float64, device=where.device)
+        self.sums = torch.zeros(1 + len(kinds), dtype=torch.float64, device=where.device)
         self.last_saved = last_saved
         self.probe: dict[str, float] = {}  # the last probe's scores
         self.loss: float | None = None
@@ -430,7 +455,7 @@ class Window:
         record = {
             "step": step,
             "loss": self.loss,
-            **{f"kl_{name}": v / world for name, v in zip(self.heads, means[1:])},
+            **{term_key(name, kind): v / world for (name, kind), v in zip(self.kinds.items(), means[1:])},
             "steps_per_s": n / elapsed,
             "clips_per_s": n * self.cfg.batch_size * world / elapsed,
             "data_wait": self.data_s / elapsed,
@@ -448,6 +473,11 @@ class Window:
         else:
             kept = f"the last good checkpoint, {out / 'checkpoints' / 'last.pt'} (step {self.last_saved}), is kept"
         return f"{what}: training stopped; {kept}. Try a lower --lr, or other --kl-norm / --temperature settings."
+
+
+def term_key(head: str, kind: str) -> str:
+    """The metrics key of a head's loss term: ``kl_<head>``, or ``cos_dist_<head>`` (1 - cos) for an embedding."""
+    return f"cos_dist_{head}" if kind == EMBEDDING else f"kl_{head}"
 
 
 def _save(
@@ -532,24 +562,31 @@ def _probe(probes: list[Any], model: SoundNet, cfg: TrainConfig, where: Dist, gr
 
 @torch.no_grad()
 def _evaluate(model: SoundNet, held_out: HeldOut, loss_fn: dict[str, Any], amp: bool, where: Dist) -> dict[str, float]:
-    """Held-out loss, KL (nats per clip and step) and top-1 agreement with each teacher, over all ranks.
+    """Held-out loss, and per teacher over all ranks: KL (nats per clip and step) and top-1 agreement for a
+    posterior head, mean cosine similarity for an embedding head.
 
     Runs the bare model, not the DDP wrapper: ranks may hold different numbers of batches, and DDP's forward
     would wait for the others.
     """
-    heads = list(model.config.heads)
+    kinds = model.config.head_kinds
+    heads = list(kinds)
     device = where.device
-    sums = torch.zeros(3 + 2 * len(heads), dtype=torch.float64, device=device)  # loss, KL, top-1, clips, steps
+    sums = torch.zeros(3 + 2 * len(heads), dtype=torch.float64, device=device)  # loss, KL, agreement, clips, steps
     model.eval()
     for batch in held_out:
         x, targets = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss, _ = distill_loss(logits, targets, **loss_fn)
-        kl = kl_terms(logits, targets, norm="sample")
-        agree = [top1_agreement(logits[name], targets[name]) for name in heads]
+        posteriors = [name for name in heads if kinds[name] != EMBEDDING]
+        kl = kl_terms({name: logits[name] for name in posteriors}, targets, norm="sample")
+        agree = [
+            (cosine_agreement if kinds[name] == EMBEDDING else top1_agreement)(logits[name], targets[name])
+            for name in heads
+        ]
         b, steps = x.shape[0], next(iter(targets.values())).shape[2]
-        values = [loss * b, *(kl[name] * b for name in heads), *agree, sums.new_tensor(b), sums.new_tensor(b * steps)]
+        kls = [kl[name] * b if name in kl else sums.new_tensor(0.0) for name in heads]
+        values = [loss * b, *kls, *agree, sums.new_tensor(b), sums.new_tensor(b * steps)]
         sums += torch.stack([v.double() for v in values])
     model.train()
     values = all_sum(torch.cat([sums, sums.new_tensor([held_out.skipped])]), where).tolist()
@@ -558,20 +595,27 @@ def _evaluate(model: SoundNet, held_out: HeldOut, loss_fn: dict[str, Any], amp: 
     if clips:
         result["val_loss"] = values[0] / clips
         for i, name in enumerate(heads):
-            result[f"val_kl_{name}"] = values[1 + i] / clips
-            result[f"val_top1_{name}"] = values[1 + len(heads) + i] / clip_steps
+            if kinds[name] == EMBEDDING:
+                result[f"val_cos_sim_{name}"] = values[1 + len(heads) + i] / clip_steps
+            else:
+                result[f"val_kl_{name}"] = values[1 + i] / clips
+                result[f"val_top1_{name}"] = values[1 + len(heads) + i] / clip_steps
     return result
 
 
 def _progress_line(record: dict[str, Any], steps: int) -> str:
     kls = ", ".join(f"{k[3:]} {v:.4f}" for k, v in record.items() if k.startswith("kl_"))
+    cosines = ", ".join(f"{k[9:]} {v:.4f}" for k, v in record.items() if k.startswith("cos_dist_"))
+    kls += f"; 1-cos {cosines}" if cosines else ""
     line = (
         f"step {record['step']}/{steps}  loss {record['loss']:.4f} (KL {kls})  {record['steps_per_s']:.2f} steps/s  "
         f"{record['clips_per_s']:.1f} clips/s  data wait {100 * record['data_wait']:.0f}%  skipped {record['skipped']}"
     )
     if "val_loss" in record:
         tops = ", ".join(f"{k[9:]} {v:.3f}" for k, v in record.items() if k.startswith("val_top1_"))
-        line += f"  | val loss {record['val_loss']:.4f}, top-1 agreement {tops}"
+        similar = ", ".join(f"{k[12:]} {v:.3f}" for k, v in record.items() if k.startswith("val_cos_sim_"))
+        line += f"  | val loss {record['val_loss']:.4f}, top-1 agreement {tops or '-'}"
+        line += f", cosine {similar}" if similar else ""
     if "probe_s" in record:
         scores = ", ".join(f"{k[6:]} {v:.3f}" for k, v in record.items() if k.startswith("probe/"))
         line += f"  | probe {scores} ({record['probe_s']:.1f} s)"
@@ -590,6 +634,7 @@ def _finish(
     summary = {
         "arch": cfg.arch,
         "heads": shards.heads,
+        "head_kinds": model.config.head_kinds,
         "clip_layout": shards.layout.to_json(),
         "clips": len(shards),
         "shards": len(shards.urls),

@@ -8,6 +8,9 @@ Two kinds of architecture:
   torchvision weight name (``IMAGENET1K_V2``, downloaded by torchvision, so only with internet) or a local
   state dict, including CSAIL Places365 ``.pth.tar`` checkpoints saved from ``nn.DataParallel``.
 
+timm models (``timm:MODEL``, ``timm-embed:MODEL``) are built by :mod:`soundnet.teachers.timm_teacher`, which
+has this module's interface.
+
 Everything that can fail because of what a user typed raises :class:`ValueError` with the fix in the message.
 """
 
@@ -27,6 +30,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from soundnet.digest import sha256_file
+from soundnet.shards.schema import EMBEDDING, POSTERIOR
 from soundnet.teachers.efficientnet_lite import efficientnet_lite0
 from soundnet.teachers.preprocess import Preprocessing
 from soundnet.teachers.squeezenet_places import squeezenet_bn_places365
@@ -93,7 +97,8 @@ def check_arch(arch: str) -> None:
     if arch not in ARCHS and arch not in torchvision_archs():
         raise ValueError(
             f"unknown teacher arch {arch!r}; built in: {', '.join(sorted(ARCHS))}; "
-            f"or any torchvision classification model: {', '.join(torchvision_archs())}"
+            f"or any torchvision classification model: {', '.join(torchvision_archs())}; "
+            "or a timm model: timm:MODEL (a classifier) or timm-embed:MODEL (its embedding)"
         )
 
 
@@ -149,6 +154,14 @@ class LoadedModel:
     preprocessing: Preprocessing
     weights_sha256: str  # of the weights file (for torchvision weight names: the downloaded copy)
     weights_url: str | None  # for torchvision weight names
+    kind: str = POSTERIOR  # or EMBEDDING: the model outputs a feature, no classes
+    embedding_dim: int = 0
+    pretrained_name: str | None = None  # timm's MODEL.TAG, for weights timm fetched by that name
+
+    @property
+    def dim(self) -> int:
+        """The width of the teacher's rows: its class count, or its embedding's dimension."""
+        return self.embedding_dim if self.kind == EMBEDDING else len(self.classes)
 
 
 def build(arch: str, weights: Path | WeightsEnum, device: torch.device) -> LoadedModel:
@@ -168,22 +181,27 @@ def build(arch: str, weights: Path | WeightsEnum, device: torch.device) -> Loade
     elif arch in ARCHS:
         entry = ARCHS[arch]
         model = entry.builder(num_classes=entry.num_classes)
-        _load_strict(model, read_state_dict(weights), arch, weights)
+        load_strict(model, read_state_dict(weights), arch, weights)
         classes = class_names(entry.class_source)
         loaded = LoadedModel(model, classes, entry.class_source, entry.preprocessing, sha256_file(weights), None)
     else:
         state = _upgrade_legacy_keys(arch, read_state_dict(weights))
         num_classes = _num_classes(arch, state, weights)
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        _load_strict(model, state, arch, weights)
+        load_strict(model, state, arch, weights)
         source = {1000: "imagenet", 365: "places365"}.get(num_classes)
         classes = class_names(source) if source else tuple(f"class_{i}" for i in range(num_classes))
         loaded = LoadedModel(
             model, classes, source or "index", _default_preprocessing(arch), sha256_file(weights), None
         )
-    # Channels-last: crops arrive in that layout, and these convs run ~1.3x faster in it on CPU as well.
-    model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    ready(model, device)
     return loaded
+
+
+def ready(model: nn.Module, device: torch.device) -> None:
+    """Eval mode, no gradients, on ``device`` in channels-last: crops arrive in that layout, and convs run ~1.3x
+    faster in it on CPU as well."""
+    model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -225,7 +243,7 @@ def _num_classes(arch: str, state: dict[str, torch.Tensor], path: Path) -> int:
     return int(state[key].shape[0])
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
     """``load_state_dict(strict=True)``, its failure retold in a few lines (torch lists every key)."""
     try:
         model.load_state_dict(state, strict=True)

@@ -24,6 +24,27 @@ def soundnet8_npz() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sound8_npy() -> Path:
+    """The released weights as the public ports publish them (a pickle; see ../shared/data/soundnet8/README.md)."""
+    return shared_path("soundnet8", "sound8.npy")
+
+
+@pytest.fixture(scope="session")
+def released_home(tmp_path_factory, sound8_npy) -> Path:
+    """A $SOUNDNET_HOME holding the converted released weights, as a first `load_model("soundnet8")` leaves it (made
+    from sound8.npy put into the cache folder by hand, the documented offline route: no server needed)."""
+    from soundnet.weights import HOME_ENV, RELEASES, fetch
+
+    home = tmp_path_factory.mktemp("soundnet-home")
+    (home / "weights").mkdir()
+    (home / "weights" / "sound8.npy").symlink_to(sound8_npy)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(HOME_ENV, str(home))
+        fetch(RELEASES["soundnet8"])
+    return home
+
+
+@pytest.fixture(scope="session")
 def esc50_dir() -> Path:
     return shared_path("esc50")
 
@@ -57,3 +78,11 @@ def ffmpeg_exe() -> str:
 def private_feature_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """`evaluate svm` caches features under $SOUNDNET_CACHE: tests never write into the user's cache."""
     monkeypatch.setenv("SOUNDNET_CACHE", str(tmp_path_factory.mktemp("soundnet-cache")))
+
+
+@pytest.fixture(autouse=True)
+def private_weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Released weights by name are cached under $SOUNDNET_HOME (an empty folder per test) and downloaded from
+    $SOUNDNET_WEIGHTS_URL (a closed loopback port unless a test serves them): tests never reach the internet."""
+    monkeypatch.setenv("SOUNDNET_HOME", str(tmp_path_factory.mktemp("soundnet-home")))
+    monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", "http://127.0.0.1:9/sound8.npy")

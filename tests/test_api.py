@@ -3,7 +3,10 @@ count and length, tiling of short clips, chunked passes equal to one pass, recep
 
 from __future__ import annotations
 
+import re
+import warnings
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,16 +31,25 @@ def clip(esc50_dir) -> np.ndarray:
     return read_audio(esc50_dir / "audio" / CLIP).as_float()
 
 
-def test_load_model_takes_checkpoints_v1_v2_and_the_released_npz(model, soundnet8_checkpoint, tmp_path, clip):
-    v2 = soundnet.load_model(soundnet8_checkpoint)
+def test_load_model_takes_checkpoints_v1_v2_v3_and_the_released_npz(model, soundnet8_checkpoint, tmp_path, clip):
+    """Version 3 added head_kinds to the config (a release reading (1, 2) refuses it by its version), version 2 the
+    input convention; older files load with the defaults."""
+    v3 = soundnet.load_model(soundnet8_checkpoint)
     payload = read_checkpoint(soundnet8_checkpoint)
+    posteriors = {"imagenet": "posterior", "places": "posterior"}
+    assert payload["version"] == 3 and payload["config"]["head_kinds"] == posteriors
+    payload["version"] = 2
+    del payload["config"]["head_kinds"]
+    torch.save(payload, tmp_path / "v2.ckpt")
+    v2 = soundnet.load_model(tmp_path / "v2.ckpt")
     payload["version"] = 1
     for key in ("sample_rate", "input_scale"):
         del payload["config"][key]
     torch.save(payload, tmp_path / "v1.ckpt")
     v1 = soundnet.load_model(tmp_path / "v1.ckpt")
     reference, _ = soundnet.embed(model, clip, SAMPLE_RATE)
-    for loaded in (v1, v2):
+    for loaded in (v1, v2, v3):
+        assert loaded.config.head_kinds == posteriors
         assert not loaded.training and loaded.config.sample_rate == SAMPLE_RATE
         np.testing.assert_allclose(soundnet.embed(loaded, clip, SAMPLE_RATE)[0], reference, atol=1e-5)
     assert not model.training and model.config.sample_rate == SAMPLE_RATE
@@ -169,3 +181,45 @@ def test_bad_audio_gets_a_clear_error(model, clip):
         soundnet.embed(model, clip, 0)
     with pytest.raises(ValueError, match="unknown layer 'pool9'"):
         soundnet.embed(model, clip, SAMPLE_RATE, layer="pool9")
+
+
+def test_float_audio_at_int16_scale_is_refused_with_the_fix(model, clip):
+    """The commonest mistake with audio readers: int16 samples cast to float without dividing by 32768. Without the
+    check it gives embeddings unrelated to the right ones; audio within range, even hot, passes without a word."""
+    int16_scale = np.round(clip * 32768).astype(np.float32)  # what int16_samples.astype(np.float32) gives
+    for audio in (int16_scale, torch.from_numpy(int16_scale), np.stack([int16_scale, int16_scale])):
+        with pytest.raises(ValueError, match=r"peaks at \d+, far outside \[-1, 1\].*divide them by 32768"):
+            soundnet.embed(model, audio, SAMPLE_RATE)
+    with pytest.raises(ValueError, match="divide them by 32768"):
+        soundnet.embed(model, resample(int16_scale, SAMPLE_RATE, 44100), 44100)
+    with pytest.raises(ValueError, match="divide them by 32768"):  # the batched entry point checks too
+        soundnet.embed_many(model, [clip, int16_scale])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        soundnet.embed_many(model, [np.full(100, np.nan, np.float32)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hot = clip * (1.9 / np.abs(clip).max())  # a clipped float recording may pass 1 a little
+        for audio in (clip, hot):
+            embeddings, _ = soundnet.embed(model, audio, SAMPLE_RATE)
+            assert embeddings.shape == (13, 256) and np.all(np.isfinite(embeddings))
+
+
+def test_load_model_by_name_gives_the_released_weights(released_home, soundnet8_npz, monkeypatch):
+    monkeypatch.setenv("SOUNDNET_HOME", str(released_home))
+    by_name = soundnet.load_model("soundnet8")
+    reference = soundnet.load_model(soundnet8_npz).state_dict()
+    assert not by_name.training and by_name.config.heads == {"imagenet": 1000, "places": 401}
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in by_name.state_dict().items())
+
+
+def test_the_readme_python_example_runs_as_written(released_home, monkeypatch, capsys):
+    """The first block of the README's "Use the features", exactly as written, from the repository root (the
+    released weights by name come from a prepared cache: tests do not reach the internet)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme.split("## Use the features")[1], re.S)[0]
+    assert 'soundnet.load_model("soundnet8")' in block
+    monkeypatch.setenv("SOUNDNET_HOME", str(released_home))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    exec(compile(block, "README.md", "exec"), {})
+    expected = block.strip().splitlines()[-1].split("# ")[-1]
+    assert capsys.readouterr().out.strip() == expected == "(13, 256) float32 [0.104 0.475 0.847]"

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import subprocess
 from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from av.video.reformatter import VideoReformatter
+from click.testing import CliRunner
 
 from soundnet.audio import SAMPLE_RATE, read_audio
 from soundnet.ingest.decode import decode_clip
 from soundnet.ingest.frames import frame_to_rgb, sample_frames, slot_times, video_duration_s, video_start_s
 from soundnet.media import DecodeError, open_media
+from soundnet.student.cli import main as student_cli
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 pytestmark = pytest.mark.skipif(not VIDEOS.is_dir(), reason=f"shared test videos not found at {VIDEOS}")
@@ -425,3 +429,32 @@ def test_read_audio_errors_are_decode_errors(tmp_path: Path) -> None:
     with pytest.raises(DecodeError) as info:
         read_audio(tmp_path / "absent.flac")
     assert info.value.reason == "not_found"
+
+
+def float_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    """A mono 32-bit float WAV (format 3) holding ``samples`` as they are, NaN and infinities included."""
+    data = samples.astype("<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    header = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data))
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(header) + len(data)) + header + data)
+    return path
+
+
+def test_float_wav_with_nan_or_infinite_samples_is_an_error_row(soundnet8_npz, tmp_path: Path) -> None:
+    """libswresample turns NaN into full-scale samples: without the check such a file embeds as normal vectors."""
+    tone = (0.5 * np.sin(np.arange(2 * SAMPLE_RATE) / 10)).astype(np.float32)
+    good = float_wav(tmp_path / "good.wav", tone)
+    np.testing.assert_array_equal(read_audio(good).samples, np.round(tone * 32768).astype(np.int16))
+    for name, value in (("nan.wav", np.nan), ("inf.wav", np.inf)):
+        broken = tone.copy()
+        broken[30_000:30_010] = value  # in the second packet: the check covers every frame, not the first
+        with pytest.raises(DecodeError, match="NaN or infinite") as info:
+            read_audio(float_wav(tmp_path / name, broken))
+        assert info.value.reason == "audio_decode_failed"
+
+    out = tmp_path / "rows.parquet"
+    args = ["embed", str(good), str(tmp_path / "nan.wav"), "--checkpoint", str(soundnet8_npz), "--out", str(out)]
+    result = CliRunner().invoke(student_cli, args)
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert rows[0]["error"] is None and rows[1]["error"].startswith("audio_decode_failed: float samples are NaN")

@@ -4,7 +4,6 @@ clear errors for a full disk, a read-only --out and teacher weights that do not 
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -43,7 +42,9 @@ def test_decoding_workers_import_neither_torch_nor_webdataset() -> None:
     try:
         decoded = next(pool.map(iter([VideoInput(source, "chaplin")]), window=1))
         assert decoded.clip is not None and decoded.seconds > 0
-        modules = pool._pool.submit(functools.partial(eval, "sorted(__import__('sys').modules)")).result()
+        (worker,) = pool._workers
+        worker.conn.send((eval, "sorted(__import__('sys').modules)"))
+        modules = worker.conn.recv()
     finally:
         pool.close()
     assert "soundnet.ingest.worker" in modules and "av" in modules

@@ -38,9 +38,18 @@ def test_model_has_the_int_attributes_hear_asks_for(model):
     assert model.hop_samples * model.passes == receptive_field(model.net, "pool5").stride
 
 
-def test_load_model_without_a_path_says_what_to_give():
-    with pytest.raises(ValueError, match="needs the path.*not bundled"):
-        hear.load_model()
+def test_load_model_without_a_path_loads_the_released_weights(released_home, model, monkeypatch):
+    """HEAR's convention: no path, the default weights (downloaded once by name; here from a prepared cache)."""
+    monkeypatch.setenv("SOUNDNET_HOME", str(released_home))
+    default = hear.load_model()
+    assert default.sample_rate == 22050 and default.scene_embedding_size == 256 and not default.net.training
+    reference = model.net.state_dict()
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in default.net.state_dict().items())
+
+
+def test_int16_scale_float_audio_is_refused(model, sounds):
+    with pytest.raises(ValueError, match="divide them by 32768"):
+        hear.get_scene_embeddings(sounds * 32768, model)
 
 
 @pytest.mark.parametrize("seconds", [0.2, 1.0, 4.0])

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from soundnet.audio import read_audio
 from soundnet.student.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from soundnet.student.cli import main as student_cli
-from soundnet.student.soundnet_import import import_soundnet8
+from soundnet.student.soundnet_import import import_soundnet8, sound8_arrays
 from tests.conftest import shared_path
 
 
@@ -71,11 +71,11 @@ def test_shape_mismatch_is_named(soundnet8_npz, tmp_path) -> None:
     arrays["conv3.weight"] = arrays["conv3.weight"][:, :, :8]
     bad = tmp_path / "bad.npz"
     np.savez(bad, **arrays)
-    with pytest.raises(ValueError, match=r"conv3\.weight: shape \(64, 32, 8\) but SoundNet8 expects \(64, 32, 16\)"):
+    with pytest.raises(ValueError, match=r"conv3\.weight has shape \(64, 32, 8\) but SoundNet8 expects \(64, 32, 16\)"):
         import_soundnet8(bad)
     del arrays["conv3.weight"]
     np.savez(bad, **arrays)
-    with pytest.raises(KeyError, match="conv3.0.weight"):
+    with pytest.raises(ValueError, match=f"{bad}: released weights lack.*conv3.0.weight"):
         import_soundnet8(bad)
 
 
@@ -84,14 +84,55 @@ def test_foreign_checkpoint_is_refused(tmp_path) -> None:
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not a soundnet-checkpoint"):
         read_checkpoint(path)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint .damaged or not PyTorch.; accepted: a checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
 
 
-def test_import_cli(soundnet8_npz, tmp_path) -> None:
+def test_sound8_npy_holds_exactly_the_tensors_of_soundnet8_npz(sound8_npy, soundnet8_npz) -> None:
+    """The pickle the public ports publish, read with the numpy-only unpickler and turned from TF's [k, 1, in, out]
+    into PyTorch's [out, in, k], equals the converted .npz bit for bit: every name, dtype and value."""
+    arrays = sound8_arrays(sound8_npy)
+    with np.load(soundnet8_npz) as npz:
+        assert sorted(arrays) == sorted(npz.files) and len(arrays) == 46
+        for name in npz.files:
+            assert arrays[name].dtype == npz[name].dtype == np.float32, name
+            np.testing.assert_array_equal(arrays[name], npz[name], err_msg=name)
+
+
+def test_a_damaged_sound8_npy_is_named(sound8_npy, tmp_path) -> None:
+    cut = tmp_path / "sound8.npy"
+    cut.write_bytes(sound8_npy.read_bytes()[:1_000_000])
+    with pytest.raises(ValueError, match=f"{cut}: damaged pickle"):
+        import_soundnet8(cut)
+    other = tmp_path / "other.npy"
+    np.save(other, np.array({"conv1": {"weights": np.zeros((64, 16, 1, 16), np.float32)}}), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"conv1\.weights has shape \(64, 16, 1, 16\), expected \[k, 1, in, out\]"):
+        import_soundnet8(other)
+
+
+def test_a_damaged_or_pickling_npz_is_named(soundnet8_npz, tmp_path) -> None:
+    """One line naming the file, not zlib's traceback or numpy's message without a file name."""
+    damaged = tmp_path / "damaged.npz"
+    with np.load(soundnet8_npz) as npz:
+        np.savez_compressed(damaged, **{"conv1.weight": npz["conv1.weight"]})
+    data = bytearray(damaged.read_bytes())
+    data[60:80] = b"\xff" * 20  # inside the compressed member
+    damaged.write_bytes(data)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, **{"conv1.weight": np.array([{"run": "code"}], dtype=object)})
+    for path, cause in ((damaged, "error"), (objects, "Object arrays cannot be loaded when allow_pickle=False")):
+        result = CliRunner().invoke(student_cli, ["import-soundnet", str(path), "--out", str(tmp_path / "x.ckpt")])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"Error: {path}: not a readable soundnet8.npz (") and cause in result.output
+
+
+@pytest.mark.parametrize("file", ["soundnet8_npz", "sound8_npy"])
+def test_import_cli(file, request, released, tmp_path) -> None:
     out = tmp_path / "w.ckpt"
-    result = CliRunner().invoke(student_cli, ["import-soundnet", str(soundnet8_npz), "--out", str(out)])
+    source = request.getfixturevalue(file)
+    result = CliRunner().invoke(student_cli, ["import-soundnet", str(source), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "14,352,713 parameters" in result.output
-    assert load_checkpoint(out).config.heads == {"imagenet": 1000, "places": 401}
+    state = read_checkpoint(out)["model"]
+    assert all(torch.equal(tensor, state[key]) for key, tensor in released.state_dict().items())

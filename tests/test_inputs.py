@@ -1,14 +1,12 @@
 """Inputs as users give them: flaky http(s) servers (a local http.server on 127.0.0.1 serving the real videos), one
-video as --videos, list files that are not text, odd file names, and the same file under two spellings."""
+video as --videos, list files that are not text, odd file names, and the same file under two spellings. Servers
+without byte ranges and S3: tests/test_remote_inputs.py."""
 
 from __future__ import annotations
 
 import email.utils
-import functools
-import http.server
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,49 +16,24 @@ import pyarrow.parquet as pq
 import pytest
 
 from soundnet import media
+from soundnet.ingest import inputs
 from soundnet.ingest.decode import decode_clip
 from soundnet.ingest.inputs import InputListError, read_video_list
-from soundnet.media import DecodeError, UrlPolicy, open_media, retry_after_s
+from soundnet.media import DecodeError, UrlPolicy, open_media
+from soundnet.retry import retry_after_s
 from soundnet.shards.schema import make_key
 from tests.conftest import shared_path
-from tests.test_ingest import RangeHandler, ingest
+from tests.loopback_servers import VideoHandler, statuses, video_server
+from tests.test_ingest import ingest
 
 FAST = UrlPolicy(retries=3, timeout_s=5.0, backoff_s=0.05)
 
 
-class ScriptedHandler(RangeHandler):
-    """Serves files with byte ranges, but first answers each path with its scripted (status, headers) replies."""
-
-    script: dict[str, list[tuple[int, dict[str, str]]]] = {}
-    requests: list[tuple[str, float, int]] = []  # (path, time, status sent)
-
-    def send_head(self):
-        replies = self.script.get(self.path)
-        if replies:
-            status, headers = replies.pop(0)
-            self.requests.append((self.path, time.monotonic(), status))
-            self.send_response(status)
-            for name, value in {**headers, "Content-Length": "0"}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            return None
-        self.requests.append((self.path, time.monotonic(), 200))
-        return super().send_head()
-
-
 @pytest.fixture
-def server() -> Iterator[tuple[str, type[ScriptedHandler]]]:
-    """(base URL, handler class) of a fresh loopback server over the real videos."""
-    handler_class = type("Handler", (ScriptedHandler,), {"script": {}, "requests": []})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler_class, directory=str(shared_path("videos")))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler_class
-    finally:
-        server.shutdown()
-        server.server_close()
+def server() -> Iterator[tuple[str, type[VideoHandler]]]:
+    """(base URL, handler class) of a fresh loopback server over the real videos, answering byte ranges."""
+    with video_server(shared_path("videos")) as served:
+        yield served
 
 
 def test_url_503_twice_then_200_decodes(server, monkeypatch) -> None:
@@ -70,13 +43,13 @@ def test_url_503_twice_then_200_decodes(server, monkeypatch) -> None:
     clip = decode_clip(f"{base}/moviepy_chaplin.mp4")
     local = decode_clip(shared_path("videos", "moviepy_chaplin.mp4"))
     np.testing.assert_array_equal(clip.audio.samples, local.audio.samples)
-    assert [status for _, _, status in handler.requests[:3]] == [503, 503, 200]
+    assert [status for _, _, status in handler.requests[:3]] == [503, 503, 206]
 
 
 def test_url_404_is_final_with_its_status(server) -> None:
     base, handler = server
-    with pytest.raises(DecodeError) as err:
-        open_media(f"{base}/no_such_video.mp4", FAST)
+    with pytest.raises(DecodeError) as err, open_media(f"{base}/no_such_video.mp4", FAST):
+        pass
     assert err.value.reason == "http_error"
     assert "HTTP 404" in err.value.message and "after 1 try" in err.value.message
     assert len(handler.requests) == 1  # a client error is not retried
@@ -85,8 +58,11 @@ def test_url_404_is_final_with_its_status(server) -> None:
 def test_url_5xx_retries_are_bounded(server) -> None:
     base, handler = server
     handler.script["/moviepy_chaplin.mp4"] = [(500, {})] * 10
-    with pytest.raises(DecodeError) as err:
-        open_media(f"{base}/moviepy_chaplin.mp4", UrlPolicy(retries=2, backoff_s=0.01))
+    with (
+        pytest.raises(DecodeError) as err,
+        open_media(f"{base}/moviepy_chaplin.mp4", UrlPolicy(retries=2, backoff_s=0.01)),
+    ):
+        pass
     assert err.value.reason == "http_error"
     assert err.value.message.endswith("HTTP 500 Internal Server Error after 3 tries")
     assert len(handler.requests) == 3
@@ -97,7 +73,8 @@ def test_url_429_retry_after_is_honoured_and_capped(server) -> None:
     handler.script["/moviepy_chaplin.mp4"] = [(429, {"Retry-After": "1"}), (429, {"Retry-After": "3600"})]
     policy = UrlPolicy(retries=3, backoff_s=0.01, max_wait_s=2.0)
     start = time.monotonic()
-    open_media(f"{base}/moviepy_chaplin.mp4", policy).close()
+    with open_media(f"{base}/moviepy_chaplin.mp4", policy):
+        pass
     times = [t for _, t, _ in handler.requests[:3]]
     assert times[1] - times[0] >= 0.95  # the server's 1 s, not the 0.01 s backoff
     assert 1.9 <= times[2] - times[1] < 3.0  # an hour asked, the 2 s cap waited
@@ -119,8 +96,8 @@ def test_url_that_never_answers_is_a_timeout() -> None:
     url = f"http://127.0.0.1:{silent.getsockname()[1]}/video.mp4"
     try:
         start = time.monotonic()
-        with pytest.raises(DecodeError) as err:
-            open_media(url, UrlPolicy(retries=1, timeout_s=0.5, backoff_s=0.05))
+        with pytest.raises(DecodeError) as err, open_media(url, UrlPolicy(retries=1, timeout_s=0.5, backoff_s=0.05)):
+            pass
         elapsed = time.monotonic() - start
     finally:
         silent.close()
@@ -133,8 +110,11 @@ def test_refused_connection_is_retried_then_named(tmp_path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DecodeError) as err:
-        open_media(f"http://127.0.0.1:{port}/x.mp4", UrlPolicy(retries=2, backoff_s=0.01))
+    with (
+        pytest.raises(DecodeError) as err,
+        open_media(f"http://127.0.0.1:{port}/x.mp4", UrlPolicy(retries=2, backoff_s=0.01)),
+    ):
+        pass
     assert err.value.reason == "connection_failed"
     assert "Connection refused" in err.value.message and "after 3 tries" in err.value.message
 
@@ -157,6 +137,29 @@ def test_ingest_run_flaky_missing_and_respelled(server, tmp_path) -> None:
     assert [(f["source"], f["reason"]) for f in failures] == [(sources[1], "http_error"), (dotted, "duplicate")]
     assert failures[0]["message"] == f"{sources[1]}: HTTP 404 File not found after 1 try"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".part"))]  # streamed, nothing partial
+
+
+def test_a_list_at_a_url_is_fetched_with_retries_and_a_size_limit(tmp_path, monkeypatch) -> None:
+    """A list file on a flaky server: tried again as URL inputs are; a 404 is named; a list over the limit is refused
+    whether its size is announced or only counted as it comes."""
+    sources = [f"https://videos.example/{i}.mp4" for i in range(3)]
+    (tmp_path / "list.txt").write_text("".join(f"{s}\n" for s in sources))
+    for announce in (True, False):
+        with video_server(tmp_path, ranges=False, announce=announce) as (base, handler):
+            handler.script["/list.txt"] = [(503, {"Retry-After": "0"})] * 2
+            assert [i.source for i in read_video_list(f"{base}/list.txt")] == sources
+            assert statuses(handler, "/list.txt") == [503, 503, 200]
+            with pytest.raises(InputListError) as err:
+                read_video_list(f"{base}/gone.txt")
+            assert str(err.value) == f"--videos {base}/gone.txt: HTTP 404 File not found"
+            monkeypatch.setattr(inputs, "MAX_LIST_MB", 50 / 2**20)  # 50 bytes: the list has 90
+            with pytest.raises(InputListError) as err:
+                read_video_list(f"{base}/list.txt")
+            monkeypatch.undo()
+        assert str(err.value) == (
+            f"--videos {base}/list.txt: the list is over {50 / 2**20:g} MB, the most read from a URL: copy it here, "
+            "or split it"
+        )
 
 
 def test_one_video_file_is_one_input() -> None:

@@ -4,7 +4,8 @@ resumed run, and a run whose Ray worker processes are killed midway.
 Ray replaces 127.0.0.1 with the machine's network address and probes the network when it starts, so every Ray here
 runs inside a private network namespace that holds only loopback (``unshare``; skipped where that is not possible),
 with usage statistics off. Run as ``python -m tests.test_ray INGEST-COMMAND...``, this file is the driver that
-holds a cluster for the ``--ray-address`` test; ``python -m tests.test_ray crash`` makes a decoder crash.
+holds a cluster for the ``--ray-address`` test; ``python -m tests.test_ray crash`` makes a decoder crash, and
+``python -m tests.test_ray silent INGEST-COMMAND...`` points a driver at a port that never answers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,6 +223,31 @@ def test_ray_options_need_the_ray_engine(tmp_path) -> None:
     assert result.exit_code == 2 and "need --engine ray" in result.output
 
 
+@pytest.mark.parametrize("where", ["no head", "not a head"])
+def test_a_wrong_ray_address_fails_within_the_timeout(netns, tmp_path, where) -> None:
+    """A driver pointed at an address where no Ray head answers gives up after --ray-timeout with one line that
+    names the address and what to check (Ray alone retries for about 13 minutes): nothing listening at the port,
+    or something that accepts connections but never answers (inside the namespace, port 6399 is free)."""
+    listing = video_list(tmp_path, [str(shared_path("videos", "moviepy_chaplin.mp4"))])
+    cmd = ingest_cmd(listing, tmp_path / "out", "--engine", "ray", "--ray-timeout", "5")
+    driver = (
+        [*cmd, "--ray-address", "127.0.0.1:6399"]
+        if where == "no head"
+        else [sys.executable, "-m", "tests.test_ray", "silent", *cmd]
+    )
+    start = time.monotonic()
+    result = subprocess.run(loopback_only(driver), capture_output=True, text=True, env=RAY_ENV, cwd=ROOT, timeout=180)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    said = {"no head": "nothing answers there", "not a head": "something answers there, but no Ray cluster"}[where]
+    assert re.match(rf"Error: --ray-address 127\.0\.0\.1:\d+: {said} within 5 s \(--ray-timeout\)\. Check ", error)
+    assert "ray start --head" in error and "port" in error
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "run.json").exists()  # nothing that would block the corrected rerun
+    assert elapsed < 120, elapsed  # imports and the 5 s wait (the issue's bound: 2 minutes; Ray alone: 13)
+
+
 def test_a_decoder_that_always_crashes_is_a_failure_row(netns) -> None:
     result = subprocess.run(
         loopback_only([sys.executable, "-m", "tests.test_ray", "crash"]),
@@ -264,8 +291,18 @@ def hold_cluster_and_run(ingest: list[str]) -> int:
         ray.shutdown()
 
 
+def run_against_a_silent_port(ingest: list[str]) -> int:
+    """Run ``ingest`` with ``--ray-address`` at a port that accepts connections but never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        return subprocess.run([*ingest, "--ray-address", f"127.0.0.1:{silent.getsockname()[1]}"]).returncode
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["crash"]:
         print(json.dumps(fetch_from_a_crashing_decoder()))
+    elif sys.argv[1:2] == ["silent"]:
+        sys.exit(run_against_a_silent_port(sys.argv[2:]))
     else:
         sys.exit(hold_cluster_and_run(sys.argv[1:]))

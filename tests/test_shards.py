@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from soundnet.audio import read_audio
 from soundnet.shards.cli import main
 from soundnet.shards.ledger import RunLayout, merge_parts, read_table, write_table
-from soundnet.shards.reader import expand_shards, iter_samples, scan_shard, tar_samples
+from soundnet.shards.reader import SampleSpan, expand_shards, iter_samples, read_raw, scan_shard, tar_samples
 from soundnet.shards.schema import (
     SAMPLE_RATE,
     Sample,
@@ -206,6 +206,52 @@ def test_valid_sample_has_no_problems() -> None:
     assert validate_sample(make_sample("/v/a.mp4")) == []
 
 
+def unit_rows(rng: np.random.Generator, frames: int, dim: int) -> np.ndarray:
+    """Rows as an embedding teacher gives them: L2-normalised, stored as float16."""
+    rows = rng.normal(size=(frames, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def with_embedding(sample: Sample, dim: int = 8) -> Sample:
+    """``sample`` with an embedding teacher ``clip`` of ``dim`` dimensions beside its posteriors."""
+    sample.posteriors["clip"] = unit_rows(np.random.default_rng(1), sample.frames, dim)
+    sample.meta["teachers"]["clip"] = {
+        "arch": "timm-embed:net", "weights": "clip.safetensors", "sha256": "0" * 64, "kind": "embedding", "dim": dim,
+    }  # fmt: skip
+    return sample
+
+
+def test_an_embedding_teacher_holds_unit_rows_and_its_dimension_and_round_trips() -> None:
+    sample = with_embedding(make_sample("/v/a.mp4"))
+    sample.meta["teachers"]["places"]["kind"] = "posterior"  # written explicitly today; absent in older shards
+    assert validate_sample(sample) == []
+    assert_same(decode_sample(encode_sample(sample)), sample)
+
+
+EMBEDDING_INVALID = {
+    "not unit": (_posterior("clip", lambda a: (a * 2).astype(np.float16)), "norm 2, expected 1"),
+    "log-probs as embedding": (
+        _posterior("clip", lambda a: log_softmax(np.random.default_rng(0), *a.shape)),
+        "must be L2-normalised",
+    ),
+    "no dim": (_del("meta/teachers/clip/dim"), "teachers['clip'] lacks 'dim'"),
+    "dim mismatch": (_set("meta/teachers/clip/dim", 9), "has C=8 but meta says 9 dimensions"),
+    "dim not int": (_set("meta/teachers/clip/dim", 8.0), "['dim'] must be a dimension"),
+    "unknown kind": (_set("meta/teachers/clip/kind", "regression"), "['kind'] must be one of"),
+    "no kind: read as a posterior": (_del("meta/teachers/clip/kind"), "rows must be log-softmax"),
+    "nan": (_posterior("clip", lambda a: np.where(a == a.max(), np.float16(np.nan), a)), "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDING_INVALID))
+def test_validate_catches_embedding(case: str) -> None:
+    mutate, expected = EMBEDDING_INVALID[case]
+    sample = with_embedding(make_sample("/v/a.mp4"))
+    mutate(sample)
+    problems = validate_sample(sample)
+    assert any(expected in p for p in problems), problems
+
+
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_validate_catches(case: str) -> None:
     mutate, expected = INVALID[case]
@@ -288,13 +334,13 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert [r["key"] for r in writer.index_rows] == [s.key for s in samples]
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         names = tar.getnames()
+        members = [info for info in tar.getmembers() if info.name.startswith(samples[1].key + ".")]
         written = {  # the digest of each member's bytes as they lie in the tar, computed here independently
-            name.split(".", 1)[1]: hashlib.sha256(tar.extractfile(name).read()).hexdigest()
-            for name in names
-            if name.startswith(samples[1].key + ".")
+            info.name.split(".", 1)[1]: hashlib.sha256(tar.extractfile(info).read()).hexdigest() for info in members
         }
     assert f"{samples[0].key}.audio.npy" in names and f"{samples[0].key}.places.npy" in names
     assert sorted(written) == ["audio.npy", "imagenet.npy", "json", "places.npy"]
+    start, last = members[0].offset, members[-1]
     assert writer.index_rows[1] == {
         "key": samples[1].key,
         "shard": "shard-000000.tar",
@@ -303,7 +349,11 @@ def test_shard_round_trip_is_bit_identical(tmp_path: Path) -> None:
         "frames": 2,
         "audio_seconds": 1.5,
         "sha256": written,
+        "offset": start,  # the sample's byte range, headers and padding included: one ranged read fetches it
+        "size": last.offset_data + -(-last.size // 512) * 512 - start,
     }
+    span = SampleSpan(samples[1].key, start, start + writer.index_rows[1]["size"])
+    assert_same(decode_sample(read_raw(str(tmp_path / "shard-000000.tar"), span)), samples[1])
 
     read = list(iter_samples(tmp_path / "shard-000000.tar"))
     assert len(read) == len(samples)
@@ -437,6 +487,8 @@ def test_ledger_round_trip_zero_and_many_rows(tmp_path: Path) -> None:
             "frames": i % 4 + 1,
             "audio_seconds": 20.0,
             "sha256": {"audio.npy": f"{i:064x}", "json": f"{i + 1:064x}"},
+            "offset": 2048 * i,
+            "size": 2048,
         }
         for i in range(500)
     ]
@@ -724,7 +776,7 @@ def test_verify_notes_the_same_video_under_two_names(tmp_path: Path, real_clips)
 
 def test_verify_and_info_on_a_run_written_before_checksums(tmp_path: Path) -> None:
     layout, samples = make_run(tmp_path / "run")
-    legacy = pq.read_table(layout.index_path).drop_columns(["sha256"])
+    legacy = pq.read_table(layout.index_path).drop_columns(["sha256", "offset", "size"])  # as written back then
     pq.write_table(legacy, layout.index_path)
     result = CliRunner().invoke(main, ["verify", str(layout.out_dir)])
     assert result.exit_code == 0, result.output + result.stderr

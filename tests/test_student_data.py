@@ -28,7 +28,7 @@ from soundnet.student.data import (
     tile_clip,
 )
 from tests.conftest import shared_path
-from tests.test_shards import log_softmax
+from tests.test_shards import log_softmax, unit_rows
 
 HEADS = {"imagenet": 10, "places": 6}
 STEPS = 4
@@ -51,10 +51,14 @@ def make_sample(
     seed: int = 0,
     heads: dict[str, int] = HEADS,
     layout: ClipLayout | None = None,
+    embeddings: tuple[str, ...] = (),
 ) -> Sample:
-    """A sample of real audio (from ``seed`` s on) with random teacher rows; ``layout`` recorded when given."""
+    """A sample of real audio (from ``seed`` s on) with random teacher rows (unit rows for the heads named in
+    ``embeddings``); ``layout`` recorded when given."""
     rng = np.random.default_rng(seed)
     teachers = {n: {"arch": "net", "weights": "w.pt", "classes": c, "sha256": "0" * 64} for n, c in heads.items()}
+    for name in embeddings:
+        teachers[name] |= {"kind": "embedding", "dim": teachers[name].pop("classes")}
     slot = (layout or DEFAULT_LAYOUT).slot_seconds
     meta = {
         "source": f"{key}.mp4",
@@ -66,7 +70,8 @@ def make_sample(
     if layout is not None:
         meta["layout"] = layout.to_json()
     audio = np.resize(np.roll(real_audio(), -seed * SAMPLE_RATE), int(seconds * SAMPLE_RATE))
-    return Sample(key, audio, {name: log_softmax(rng, frames, c) for name, c in heads.items()}, meta)
+    rows = {name: (unit_rows if name in embeddings else log_softmax)(rng, frames, c) for name, c in heads.items()}
+    return Sample(key, audio, rows, meta)
 
 
 def write_shards(folder: Path, keys_per_shard: list[list[str]], seconds: float = 6.0, **options) -> list[str]:
@@ -178,6 +183,36 @@ def test_slots_of_two_steps_repeat_each_frame_for_the_steps_it_covers() -> None:
     rows, frames = example["targets"]["places"], sample.posteriors["places"]
     assert [np.array_equal(rows[t], frames[t // 2]) for t in range(STEPS)] == [True] * STEPS
     assert np.array_equal(example["audio"], sample.audio[:CLIP_SAMPLES])
+
+
+def test_embedding_rows_pool_as_the_renormalised_mean_direction_and_repeat_as_they_are() -> None:
+    kinds = {"imagenet": "posterior", "places": "embedding"}
+    half = align(ClipLayout(slot_seconds=2.5, frames_per_clip=8), STEPS, STEP_SAMPLES, SAMPLE_RATE, "x.tar")
+    sample = make_sample("a", frames=8, seconds=20.0, layout=half.layout, embeddings=("places",))
+    rows, frames = make_example(sample, HEADS, half, kinds)["targets"]["places"], sample.posteriors["places"]
+    mean = frames[0::2].astype(np.float64) + frames[1::2]  # step t: the mean direction of slots 2t and 2t+1
+    assert np.allclose(rows, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=2e-3)
+    assert rows.dtype == np.float16 and np.allclose(np.linalg.norm(rows.astype(np.float64), axis=1), 1, atol=2e-3)
+
+    double = align(ClipLayout(slot_seconds=10.0, frames_per_clip=4), STEPS, STEP_SAMPLES, SAMPLE_RATE, "x.tar")
+    sample = make_sample("b", frames=3, seconds=30.0, layout=double.layout, embeddings=("places",))
+    rows, frames = make_example(sample, HEADS, double, kinds)["targets"]["places"], sample.posteriors["places"]
+    assert [np.array_equal(rows[t], frames[t // 2]) for t in range(STEPS)] == [True] * STEPS
+
+
+def test_an_embedding_teacher_is_a_head_of_its_kind_and_the_kind_is_part_of_the_teacher_set(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    good = write_shards(tmp_path / "a", [["a", "b"]], embeddings=("places",))
+    found = scan_shards(good)
+    assert found.heads == HEADS and found.kinds == {"imagenet": "posterior", "places": "embedding"}
+    batch = next(iter(make_loader(Clips(found, PAPER), 2, seed=0, start=0, steps=1, workers=0)))
+    rows = batch["targets"]["places"]
+    assert rows.dtype == torch.float16 and torch.allclose(rows.float().norm(dim=2), torch.ones(2, STEPS), atol=2e-3)
+    as_posteriors = write_shards(tmp_path / "b", [["c"]])  # the same names and widths, other kinds
+    with pytest.raises(ValueError, match=r"do not share one teacher set: \{imagenet 10, places 6-d embedding\}"):
+        scan_shards(good + as_posteriors)
+    with pytest.raises(ValueError, match="do not share one teacher set"):
+        scan_shards(as_posteriors, heads=found.heads, kinds=found.kinds)  # held-out shards: the same kinds too
 
 
 @pytest.mark.parametrize(
@@ -303,19 +338,19 @@ def test_damaged_shards_read_the_same_with_any_number_of_workers(tmp_path: Path)
 
 # ---- the order: a function of (seed, step) -------------------------------------------------------------------
 def test_each_step_s_batch_is_a_function_of_seed_and_step() -> None:
-    whole = list(StepBatches(10, 3, seed=7, start=0, steps=8))
-    assert list(StepBatches(10, 3, seed=7, start=5, steps=8)) == whole[5:]  # a resumed run reads the same
-    assert list(StepBatches(10, 3, seed=8, start=0, steps=8)) != whole
+    whole = list(StepBatches([10], 3, seed=7, start=0, steps=8))
+    assert list(StepBatches([10], 3, seed=7, start=5, steps=8)) == whole[5:]  # a resumed run reads the same
+    assert list(StepBatches([10], 3, seed=8, start=0, steps=8)) != whole
     flat = [i for batch in whole for i in batch]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # passes
     assert flat[:10] != list(range(10))  # shuffled
 
 
 def test_ranks_take_disjoint_parts_of_each_step_s_global_batch() -> None:
-    ranks = [list(StepBatches(12, 2, seed=0, start=0, steps=3, rank=r, world_size=3)) for r in range(3)]
+    ranks = [list(StepBatches([12], 2, seed=0, start=0, steps=3, rank=r, world_size=3)) for r in range(3)]
     for step in range(3):
         assert sorted(i for r in ranks for i in r[step]) == sorted(
-            list(StepBatches(12, 6, seed=0, start=0, steps=3))[step]
+            list(StepBatches([12], 6, seed=0, start=0, steps=3))[step]
         )
     assert sorted(i for r in ranks for b in r[:2] for i in b) == list(range(12))
 

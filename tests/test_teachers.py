@@ -54,7 +54,7 @@ def frame_at(name: str, t: float) -> np.ndarray:
 
 
 def top5(teacher, frame: np.ndarray) -> list[str]:
-    return [teacher.classes[i] for i in teacher.log_probs([frame])[0].topk(5).indices]
+    return [teacher.classes[i] for i in teacher.outputs([frame])[0].topk(5).indices]
 
 
 # --- loading ---
@@ -85,18 +85,19 @@ def test_real_weights_load_strictly(builder, path, sha256):
 
 @needs_data
 def test_loaded_teachers_describe_themselves(imagenet, places):
-    assert (imagenet.num_classes, len(imagenet.classes), imagenet.classes[0]) == (
+    assert (imagenet.dim, len(imagenet.classes), imagenet.classes[0]) == (
         1000,
         1000,
         "tench, Tinca tinca",
     )
-    assert (places.num_classes, len(places.classes), places.classes[0]) == (365, 365, "airfield")
+    assert (places.dim, len(places.classes), places.classes[0]) == (365, 365, "airfield")
     assert imagenet.weights_sha256.startswith("579344248a93")
     meta = json.loads(json.dumps(places.metadata()))
     assert meta["arch"] == "squeezenet_bn_places365"
     assert meta["weights"] == str(SQUEEZENET)
     assert meta["sha256"] == places.weights_sha256
-    assert meta["num_classes"] == meta["classes"] == 365 and meta["class_source"] == "places365"
+    assert meta["num_classes"] == meta["classes"] == meta["dim"] == 365 and meta["class_source"] == "places365"
+    assert meta["kind"] == "posterior" and imagenet.kind == "posterior"
     assert set(TEACHER_META_KEYS) <= meta.keys()
     assert meta["preprocessing"] == {
         "resize": 256,
@@ -227,12 +228,12 @@ def test_log_probs_are_normalised_and_independent_of_batching(imagenet, places):
     frames = [frame_at("imageio_cockatoo.mp4", 0.5), frame_at("moviepy_chaplin.mp4", 1.0)]
     frames.append(frames[1][::2, ::2].copy())  # a smaller frame, so the batch mixes sizes
     for teacher in (imagenet, places):
-        batched = teacher.log_probs(frames, batch_size=2)
-        assert batched.shape == (3, teacher.num_classes) and batched.dtype == torch.float32
+        batched = teacher.outputs(frames, batch_size=2)
+        assert batched.shape == (3, teacher.dim) and batched.dtype == torch.float32
         assert torch.allclose(batched.logsumexp(dim=1), torch.zeros(3), atol=1e-5)
-        one_by_one = torch.cat([teacher.log_probs([f]) for f in frames])
+        one_by_one = torch.cat([teacher.outputs([f]) for f in frames])
         assert torch.allclose(batched, one_by_one, atol=1e-4)
-        assert teacher.log_probs([]).shape == (0, teacher.num_classes)
+        assert teacher.outputs([]).shape == (0, teacher.dim)
 
 
 @needs_data
@@ -276,7 +277,7 @@ def test_torchvision_arch_with_a_local_state_dict(tmp_path, num_classes, csail, 
         path = tmp_path / "resnet18.pth"
         torch.save(state, path)
     teacher = load_teacher(f"x=resnet18:{path}")
-    assert (teacher.num_classes, teacher.classes[0]) == (num_classes, first_class)
+    assert (teacher.dim, teacher.classes[0]) == (num_classes, first_class)
     assert teacher.weights == str(path)
     assert teacher.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     pre = teacher.preprocessing
@@ -284,7 +285,7 @@ def test_torchvision_arch_with_a_local_state_dict(tmp_path, num_classes, csail, 
     frames = np.random.default_rng(0).integers(0, 256, (2, 256, 300, 3), dtype=np.uint8)
     with torch.inference_mode():
         expected = model(teacher.preprocess(frames)).log_softmax(dim=1)
-    assert torch.allclose(teacher.log_probs(frames), expected, atol=1e-4)
+    assert torch.allclose(teacher.outputs(frames), expected, atol=1e-4)
 
 
 def test_old_densenet_key_names_are_upgraded(tmp_path):
@@ -297,7 +298,7 @@ def test_old_densenet_key_names_are_upgraded(tmp_path):
     assert any(".norm.1." in k for k in legacy)
     torch.save({"state_dict": legacy}, tmp_path / "densenet121_places365.pth.tar")
     teacher = load_teacher(f"places=densenet121:{tmp_path / 'densenet121_places365.pth.tar'}")
-    assert teacher.num_classes == 365
+    assert teacher.dim == 365
 
 
 def test_torchvision_weight_name_uses_the_weights_metadata(monkeypatch, tmp_path):
