@@ -7,7 +7,6 @@ import html
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,7 +16,7 @@ import torch
 from soundnet.evaluate.cache import FeatureCache
 from soundnet.evaluate.datasets import Dataset
 from soundnet.evaluate.features import dataset_features
-from soundnet.shards.atomic import atomic_path
+from soundnet.shards.atomic import atomic_path, unwritable_out
 from soundnet.student.checkpoint import OutputError, load_checkpoint
 from soundnet.student.model import SoundNet
 
@@ -29,16 +28,6 @@ def _save(fig, path: Path, dpi: int) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     _pyplot().close(fig)
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be written before any work, naming the folder (not a temporary file)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise OutputError(f"--out {out} is not writable ({exc.strerror or exc}): choose another folder") from None
 
 
 def _pyplot():
@@ -227,7 +216,8 @@ def make_pictures(
     cache: FeatureCache | None = None,
 ) -> list[Path]:
     """``conv1_filters.png``, ``tsne_<tsne_layer>.png`` and ``units_<units_layer>.html`` in ``out``; returns them."""
-    _check_writable(out)
+    if problem := unwritable_out(out):
+        raise OutputError(problem)
     model = load_checkpoint(checkpoint)
     for layer in (tsne_layer, units_layer):
         model.output_length(layer, 0)  # an unknown layer fails before any decoding

@@ -16,7 +16,6 @@ import errno
 import hashlib
 import json
 import logging
-import tempfile
 import time
 import urllib.error
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,7 @@ from soundnet.ingest.errors import RunError
 from soundnet.ingest.inputs import read_video_list
 from soundnet.ingest.ray_auth import RAY_TIMEOUT_S
 from soundnet.ingest.stats import TaskStats, run_summary
-from soundnet.shards.atomic import create_exclusive
+from soundnet.shards.atomic import create_exclusive, unwritable_out
 from soundnet.shards.contract import ClipLayout
 from soundnet.shards.ledger import RunLayout
 
@@ -115,15 +114,6 @@ class _Bookkeeping:
         self.claims.release(self.claims.held(task))  # still ours when another run only swept our files
         self.dropped += 1
         self.view.on_dropped(task)
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise RunError(f"--out {out} is not writable ({exc.strerror or exc}): choose another folder") from None
 
 
 @contextlib.contextmanager
@@ -295,7 +285,8 @@ def run_ingest(
     inputs = read_video_list(videos, config.url)
     specs = parse_specs(teacher_specs, check_weights=engine == "local" or ray_address is None)
     layout = RunLayout(out)
-    _check_writable(layout.out_dir)
+    if problem := unwritable_out(layout.out_dir):
+        raise RunError(problem)
     _refuse_existing(layout, resume)
     runner = _engine(engine, specs, device, batch_frames, workers, ray_address, ray_teachers, ray_timeout_s)
     try:

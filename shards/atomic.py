@@ -50,3 +50,15 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def unwritable_out(out: Path) -> str | None:
+    """Why the folder ``out`` (created if missing) cannot be written, as one line naming it, or None: checked before
+    any work, so that the message names the folder rather than a temporary file met later."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return f"--out {out} is not writable ({exc.strerror or exc}): choose another folder"
+    return None
