@@ -86,3 +86,13 @@ def private_weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
     $SOUNDNET_WEIGHTS_URL (a closed loopback port unless a test serves them): tests never reach the internet."""
     monkeypatch.setenv("SOUNDNET_HOME", str(tmp_path_factory.mktemp("soundnet-home")))
     monkeypatch.setenv("SOUNDNET_WEIGHTS_URL", "http://127.0.0.1:9/sound8.npy")
+
+
+LONGEST_MODULES = ("test_train.py", "test_ray.py", "test_engines.py", "test_ingest.py", "test_claims.py")
+"""The modules that take longest (minutes each on 2 cores), run first: the workers of ``pytest -n`` take whole
+modules in collection order (``--dist loadfile``), so the long ones started last would leave one worker idle."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept

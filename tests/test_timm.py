@@ -283,7 +283,7 @@ def test_the_clip_head_is_an_audio_embedding_in_the_teacher_s_space(trained: Pat
 def test_three_steps_then_resume_to_six_equals_six_steps_with_an_embedding_head(shards: Path, tmp_path: Path) -> None:
     def run(out: Path, steps: int, resume: bool = False) -> dict:
         cfg = TrainConfig(shards=[str(shards)], out=str(out), steps=steps, batch_size=2, workers=1, log_every=1,
-                          seed=5, resume=resume)  # fmt: skip
+                          seed=5, resume=resume, arch="soundnet5")  # fmt: skip
         return train(cfg)
 
     whole = run(tmp_path / "whole", 6)
