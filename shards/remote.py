@@ -13,17 +13,18 @@ from __future__ import annotations
 import io
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-RETRIES = 5
-"""Tries after the first for a read that fails in transit (connection lost, timeout, HTTP 408, 429 or 5xx)."""
-BACKOFF_S = 0.5
-"""The wait before the first retry; it doubles with every further one (0.5, 1, 2, 4, 8 s)."""
+from soundnet.retry import UrlFailure, UrlPolicy, with_retries
+
+POLICY = UrlPolicy(retries=5, backoff_s=0.5)
+"""Reads that fail in transit (connection lost, timeout, HTTP 408, 429 or 5xx) are tried 5 more times, after waits
+of about 0.5, 1, 2, 4 and 8 s (jittered): the retry loop of the project's other http(s) fetches, with more tries,
+since a training run that stops on one busy moment of its store loses more than a video input does."""
 
 IN_FLIGHT = 4
 """Ranged requests one process keeps in flight (:func:`read_ranges`): a loader worker's batch is read 4 at a time
@@ -72,7 +73,8 @@ def retrying(url: str, what: str, call: Callable[[AbstractFileSystem, str], T]) 
     A missing file or a refused permission is not retried. What still fails is an OSError naming the URL, what was
     being read and the number of tries (FileNotFoundError and PermissionError keep their type).
     """
-    for attempt in range(RETRIES + 1):
+
+    def attempt() -> T:
         try:
             fs, path = filesystem(url)
             return call(fs, path)
@@ -83,10 +85,12 @@ def retrying(url: str, what: str, call: Callable[[AbstractFileSystem, str], T]) 
                     reason = "not found" if isinstance(exn, FileNotFoundError) else _reason(exn)
                     raise type(exn)(f"{url}: {what}: {reason}") from None
                 raise
-            if attempt == RETRIES:
-                raise OSError(f"{url}: {what} failed after {RETRIES + 1} tries ({_reason(cause)})") from None
-            time.sleep(BACKOFF_S * 2**attempt)
-    raise AssertionError("unreachable")
+            raise UrlFailure("transient", _reason(cause), transient=True) from None
+
+    try:
+        return with_retries(POLICY, attempt)
+    except UrlFailure as failed:
+        raise OSError(f"{url}: {what} failed after {failed.tried()} ({failed.what})") from None
 
 
 def _transient(exn: BaseException | None) -> bool:

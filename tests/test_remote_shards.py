@@ -4,6 +4,7 @@ AWS variables. Training from either equals training from the local folder, bit f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -136,11 +137,11 @@ def test_transient_failures_are_retried_and_a_server_without_ranges_is_named(
     shard = f"{url}/shard-000000.tar"
     path = f"/{run_dir.name}/shard-000000.tar"
     want = (run_dir / "shard-000000.tar").read_bytes()[1000:3000]
-    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(remote, "POLICY", dataclasses.replace(remote.POLICY, backoff_s=0.01))
     handler.script[path] = [(503, {})] * 3  # a busy server: 503 three times, then the bytes
     assert remote.read_range(shard, 1000, 3000) == want
-    handler.script[path] = [(503, {})] * (remote.RETRIES + 1)
-    with pytest.raises(OSError, match=f"{shard}: bytes 1000-3000 failed after {remote.RETRIES + 1} tries"):
+    handler.script[path] = [(503, {})] * (remote.POLICY.retries + 1)
+    with pytest.raises(OSError, match=f"{shard}: bytes 1000-3000 failed after {remote.POLICY.retries + 1} tries"):
         remote.read_range(shard, 1000, 3000)
 
     no_ranges = pytest.raises(OSError, match="ignores byte ranges. Serve the shards from a server that answers Range")
